@@ -64,7 +64,10 @@ class Divergence(ABC):
         r"""The generator :math:`f(t)` at :math:`t = e^{\log t}` (differentiable, dtype preserved)."""
         log_t = as_tensor(log_t, "log_t")
         wide = log_t.to(wide_dtype(log_t))
-        out = torch.where(wide == math.inf, torch.full_like(wide, math.inf), self._f(wide))
+        raw = self._f(wide)
+        # At t = inf keep the generator's own limit (-inf for forward KL); only an undefined inf - inf
+        # (e.g. Jensen-Shannon) becomes +inf, the limit of a convex f with f'(inf) > 0.
+        out = torch.where((wide == math.inf) & torch.isnan(raw), torch.full_like(wide, math.inf), raw)
         return out.to(log_t.dtype)
 
     def f_prime(self, log_t: torch.Tensor) -> torch.Tensor:
@@ -152,7 +155,9 @@ class Divergence(ABC):
             if log_q is None:
                 return f_over_t.mean()
             log_w = as_tensor(log_pi, "log_pi").to(log_t.dtype) - as_tensor(log_q, "log_q").to(log_t.dtype)
-            return (torch.exp(log_w) * f_over_t).mean()
+            # A sample of q where pi(x) = 0 contributes nothing to E_pi (avoid 0 * inf = NaN).
+            terms = torch.where(log_w == -math.inf, torch.zeros_like(f_over_t), torch.exp(log_w) * f_over_t)
+            return terms.mean()
 
     def exact(self, log_pi: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         r"""Exact :math:`D_f(\pi\|p) = \sum_x p(x) f(\pi(x)/p(x))` over an enumerated support.
@@ -353,7 +358,9 @@ class CustomDivergence(Divergence):
         return self._fn(torch.exp(log_t))
 
     def _f_prime(self, log_t: torch.Tensor) -> torch.Tensor:
+        # Keep the graph (create_graph) when log_t carries one, e.g. pseudo_reward(..., grad=True).
+        keep = log_t.requires_grad
         with torch.enable_grad():
-            t = torch.exp(log_t.detach()).requires_grad_(True)
-            (grad,) = torch.autograd.grad(self._fn(t).sum(), t)
+            t = torch.exp(log_t) if keep else torch.exp(log_t.detach()).requires_grad_(True)
+            (grad,) = torch.autograd.grad(self._fn(t).sum(), t, create_graph=keep)
         return grad

@@ -1,0 +1,3 @@
+"""fdpg: f-divergence preference alignment engine."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,132 @@
+"""The ``fdpg`` command line.
+
+::
+
+    fdpg train [--config FILE.yaml] [--task sentiment] [--divergence js] [--beta 0.1] ...
+    fdpg divergences            list the registered f-divergences
+    fdpg tasks                  list the tasks
+    fdpg models prepare         dequantise the embedded default model once into the cache
+
+``fdpg train --help`` lists every setting (the fields of :class:`fdpg.config.TrainConfig`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fdpg.config import TrainConfig, load_config_file
+
+
+def parse_train_args(argv: Sequence[str]) -> TrainConfig:
+    """Flags over an optional ``--config`` YAML/JSON file over the defaults."""
+    from transformers import HfArgumentParser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(list(argv))
+    parser = HfArgumentParser(TrainConfig, prog="fdpg train",
+                              description="Align a causal LM with f-divergence minimisation (f-DPG).")
+    parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags override it).")
+    if known.config:
+        parser.set_defaults(**load_config_file(known.config))
+    (config,) = parser.parse_args_into_dataclasses(args=[*rest, *([] if known.config is None else [])],
+                                                   look_for_args_file=False)[:1]
+    return config
+
+
+def read_prompts_file(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--prompts_file {path!r} does not exist")
+    prompts = [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts_file {path!r} holds no prompt (one per line)")
+    return prompts
+
+
+def build_trainer(config: TrainConfig):
+    """Task, policy and trainer from a config (cheap checks first, the model load last)."""
+    import torch
+
+    from fdpg.policy import LoraSettings, Policy
+    from fdpg.trainer import FDPGTrainer
+    from objectives import get_divergence
+    from tasks import get_task
+
+    get_divergence(config.divergence)  # unknown names fail before any model is loaded
+    task = get_task(config.task)
+    prompts = read_prompts_file(config.prompts_file) if config.prompts_file else None
+    spec = task.build(config.beta, config.task_options(), prompts)
+    torch.manual_seed(config.seed)
+    lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules) \
+        if config.lora_r > 0 else None
+    policy = Policy.from_pretrained(config.model, lora=lora, trust_remote_code=config.trust_remote_code)
+    return FDPGTrainer(config, policy, spec.target, spec.scorer, spec.prompts, spec.metrics)
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    config = parse_train_args(argv)
+    trainer = build_trainer(config)
+    summary = trainer.train()
+    if trainer.is_main:
+        last = summary.get("last_metrics", {})
+        scores = ", ".join(f"{k.removeprefix('score/')}={v:.3f}" for k, v in last.items()
+                           if k.startswith("score/") and isinstance(v, float))
+        print(f"[fdpg] {summary['status']} after {summary['steps_completed']}/{summary['steps']} steps "
+              f"in {summary['wall_time_s']:.0f} s; last batch: {scores}; run: {trainer.run_dir}")
+    return 0 if summary["status"] == "finished" else 130
+
+
+def cmd_divergences(argv: Sequence[str]) -> int:
+    from objectives import describe_divergences
+
+    for name, text in describe_divergences().items():
+        print(f"{name:<10} {text}")
+    return 0
+
+
+def cmd_tasks(argv: Sequence[str]) -> int:
+    from tasks import available_tasks
+
+    for name, text in available_tasks().items():
+        print(f"{name:<12} {text}")
+    return 0
+
+
+def cmd_models(argv: Sequence[str]) -> int:
+    from fdpg.models import default_cache_dir, prepare_embedded_model
+
+    parser = argparse.ArgumentParser(prog="fdpg models")
+    parser.add_argument("action", choices=["prepare"])
+    parser.add_argument("--cache_dir", default=None, help=f"default: {default_cache_dir()}")
+    parser.add_argument("--force", action="store_true", help="prepare again even if already prepared")
+    args = parser.parse_args(list(argv))
+    path = prepare_embedded_model(Path(args.cache_dir) if args.cache_dir else None, force=args.force)
+    print(path)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "divergences": cmd_divergences, "tasks": cmd_tasks, "models": cmd_models}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"fdpg {argv[0]}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

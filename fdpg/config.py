@@ -1,0 +1,176 @@
+"""Settings of an f-DPG run, as dataclasses that ``HfArgumentParser`` turns into CLI flags.
+
+Every field is a flag (``--divergence js``, ``--lora_r 8``, dashes accepted too) and a key of an
+optional YAML/JSON ``--config`` file; flags override the file, the file overrides the defaults. The
+whole config is written to ``config.json`` in the run directory and checked on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Fields that may differ between a run and its resumption (everything else must match).
+RESUMABLE_CHANGES = frozenset({"steps", "resume", "output_dir", "report_to", "save_every", "log_samples_every",
+                               "progress"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines an f-DPG run."""
+
+    # --- what to align, toward what
+    model: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "Hub name, local path, or 'smollm2-135m-instruct' (the embedded default model)."})
+    task: str = field(default="sentiment", metadata={"help": "Task name (see `fdpg tasks`)."})
+    divergence: str = field(default="rkl", metadata={
+        "help": "f-divergence: rkl, fkl, tv, js, chi2, hellinger, alpha:A, or a registered name."})
+    beta: float = field(default=0.1, metadata={"help": "KL coefficient of reward targets P = a exp(r/beta)."})
+    task_args: str = field(default="", metadata={
+        "help": "Task options as key=value pairs separated by commas, e.g. 'word=amazing'."})
+    prompts_file: str | None = field(default=None, metadata={
+        "help": "Text file with one prompt per line, replacing the task's prompts."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+
+    # --- policy
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning with a frozen reference copy."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="q_proj,v_proj", metadata={
+        "help": "Comma-separated module names for LoRA ('all-linear' for every linear layer)."})
+
+    # --- sampling
+    steps: int = field(default=40, metadata={"help": "Optimisation steps."})
+    batch_size: int = field(default=16, metadata={"help": "Completions per step, over all processes."})
+    samples_per_prompt: int = field(default=4, metadata={
+        "help": "Completions drawn per prompt (per-prompt Z and baselines need several)."})
+    generation_batch_size: int = field(default=16, metadata={
+        "help": "Completions per generate() call; each chunk has its own seed, so results do not depend "
+                "on the number of processes."})
+    micro_batch_size: int = field(default=16, metadata={
+        "help": "Completions per forward/backward pass (gradient accumulation within a step)."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Completion length limit."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature; != 1 makes the proposal differ from pi (importance-corrected)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; < 1 is importance-corrected."})
+
+    # --- objective
+    baseline: str = field(default="prompt_loo", metadata={
+        "help": "none, mean, loo, prompt_mean, prompt_loo or moving_average."})
+    baseline_decay: float = field(default=0.9, metadata={"help": "Decay of the moving-average baseline."})
+    log_z: str = field(default="running", metadata={"help": "running or window estimate of log Z."})
+    log_z_window: int = field(default=1024, metadata={"help": "Window (samples per key) of the windowed log Z."})
+    conditional: bool | None = field(default=None, metadata={
+        "help": "One Z per prompt (default: the task decides; true when it has prompts)."})
+    max_log_ratio: float | None = field(default=None, metadata={
+        "help": "Clip log(pi/p) at this value (only for p = 0 under rkl/chi2; biased)."})
+
+    # --- off-policy (DPG)
+    off_policy: bool = field(default=False, metadata={
+        "help": "Sample from a frozen proposal q, refreshed when pi is closer to the target."})
+    importance_weight_clip: float | None = field(default=None, metadata={"help": "Clip pi/q at this value."})
+
+    # --- optimisation
+    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate."})
+    lr_scheduler: str = field(default="constant", metadata={
+        "help": "transformers scheduler name: constant, linear, cosine, constant_with_warmup, ..."})
+    warmup_steps: int = field(default=0, metadata={"help": "Learning-rate warm-up steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (None: off)."})
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (through accelerate)."})
+    seed: int = field(default=0, metadata={"help": "Seed of prompts, sampling and initialisation."})
+
+    # --- run directory, logging, checkpoints
+    output_dir: str = field(default="runs/fdpg", metadata={
+        "help": "Run directory; an existing run is never overwritten (a fresh '-N' suffix is used)."})
+    resume: str | None = field(default=None, metadata={"help": "Run directory to resume from its last checkpoint."})
+    save_every: int = field(default=10, metadata={"help": "Checkpoint every N steps (and at the end)."})
+    log_samples_every: int = field(default=1, metadata={"help": "Write samples.jsonl every N steps (0: never)."})
+    report_to: str = field(default="none", metadata={
+        "help": "Extra trackers through accelerate: tensorboard, wandb, ... (comma-separated) or none."})
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the setting, its value and the fix."""
+        positive = ("steps", "batch_size", "samples_per_prompt", "generation_batch_size", "micro_batch_size",
+                    "max_new_tokens", "save_every", "log_z_window")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(
+                f"--batch_size ({self.batch_size}) must be a multiple of --samples_per_prompt ({self.samples_per_prompt})"
+            )
+        for name in ("beta", "learning_rate", "temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name} must be a positive number, got {value!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p!r}")
+        if self.lora_r < 0:
+            raise ValueError(f"--lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r!r}")
+        if self.log_z not in ("running", "window"):
+            raise ValueError(f"--log_z must be 'running' or 'window', got {self.log_z!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        from objectives.estimators import BASELINES
+
+        if self.baseline not in BASELINES:
+            raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+
+    @property
+    def proposal_differs(self) -> bool:
+        """Whether samples come from a distribution other than pi (importance weights needed)."""
+        return self.off_policy or self.temperature != 1.0 or self.top_p < 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def task_options(self) -> dict[str, str]:
+        """``task_args`` parsed into a dict (``'word=amazing,n=3'`` -> ``{'word': 'amazing', 'n': '3'}``)."""
+        out: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in self.task_args.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--task_args items must be key=value, got {item!r} in {self.task_args!r}")
+            out[key.strip()] = value.strip()
+        return out
+
+
+def incompatible_settings(saved: dict[str, Any], current: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ between a checkpointed run and the config used to resume it."""
+    now = current.to_dict()
+    return {
+        key: (saved.get(key), now[key])
+        for key in now
+        if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]
+    }
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON settings file into a dict (keys are TrainConfig field names)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"--config file {str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"--config file {str(path)!r} has unknown settings {unknown}; see `fdpg train --help`")
+    return data

@@ -1,0 +1,121 @@
+r"""The policy :math:`\pi_\theta` and the reference (base model) :math:`a`.
+
+With LoRA (``lora_r > 0``) the reference is the very same weights with the adapter disabled
+(:meth:`peft.PeftModel.disable_adapter`): no second copy in memory. With full fine-tuning the
+reference is a frozen deep copy taken before training. Dropout stays off (the model is kept in
+``eval`` mode): the gradient must be that of the same :math:`\pi_\theta` that was sampled and scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fdpg.models import load_causal_lm, load_tokenizer
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (Hu et al. 2021): rank r, scale alpha/r, dropout, target modules."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str = "q_proj,v_proj"
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        modules: str | list[str] = (
+            "all-linear" if self.target_modules == "all-linear"
+            else [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        )
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=modules, task_type="CAUSAL_LM", bias="none")
+
+
+class Policy:
+    """A causal LM being aligned, its tokenizer, and access to its reference :math:`a`.
+
+    Attributes:
+        model: the trainable model (a ``PeftModel`` when LoRA is used). The trainer may wrap it
+            (accelerate/DDP); :meth:`reference` always works on the unwrapped module.
+        tokenizer: left-padding tokenizer with a pad token.
+        uses_lora: whether the reference is the adapter-disabled policy.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: LoraSettings | None = None):
+        self.tokenizer = tokenizer
+        self.uses_lora = lora is not None and lora.r > 0
+        self._reference: PreTrainedModel | None = None
+        if self.uses_lora:
+            from peft import get_peft_model
+
+            try:
+                model = get_peft_model(model, lora.peft_config())
+            except ValueError as exc:
+                names = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                                if isinstance(mod, torch.nn.Linear)})
+                raise ValueError(
+                    f"--lora_target_modules {lora.target_modules!r} does not match this model's layers: {exc}. "
+                    f"Its linear layers are named {names}; or use 'all-linear'."
+                ) from exc
+        else:
+            self._reference = copy.deepcopy(model).requires_grad_(False).eval()
+        self.model = model.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        lora: LoraSettings | None = None,
+        dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+    ) -> Policy:
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+        model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return cls(model, tokenizer, lora)
+
+    def trainable_parameters(self, model: torch.nn.Module | None = None) -> dict[str, torch.nn.Parameter]:
+        """Name -> parameter of everything being trained (the adapter with LoRA, all weights otherwise)."""
+        model = self.model if model is None else model
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    @contextlib.contextmanager
+    def reference(self, unwrapped: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
+        """Context yielding the reference model :math:`a` (adapter disabled, or the frozen copy)."""
+        if self.uses_lora:
+            model = self.model if unwrapped is None else unwrapped
+            with model.disable_adapter():
+                yield model
+        else:
+            assert self._reference is not None
+            yield self._reference
+
+    def to(self, device: torch.device) -> Policy:
+        self.model.to(device)
+        if self._reference is not None:
+            self._reference.to(device)
+        return self
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's context length, when its config states one."""
+        config = self.model.config
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def save_pretrained(self, directory: str, model: torch.nn.Module | None = None) -> None:
+        """Save the adapter (LoRA) or the full model, plus the tokenizer, as safetensors."""
+        (self.model if model is None else model).save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)

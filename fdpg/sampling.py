@@ -1,0 +1,220 @@
+r"""Sampling completions and computing their per-token log-probabilities.
+
+By default sampling is *pure ancestral sampling* (temperature 1, no top-k, no top-p, no repetition
+penalty), so the samples really come from :math:`\pi_\theta` and :math:`q = \pi_\theta`. A temperature
+or top-p is an explicit option; the proposal :math:`q` is then the processed distribution, its
+log-probabilities are recorded, and the trainer corrects with importance weights :math:`\pi/q`.
+
+Each call to ``generate`` is seeded (``seed``), so a run's samples depend on the seed, the step and
+the position of the chunk in the global batch, not on the number of processes.
+
+A completion ends at its first end-of-sequence token, which it includes (the model chose to stop;
+that choice has a probability too); later positions are masked out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+
+@dataclass
+class SampleBatch:
+    """Completions and everything the trainer needs about them (one row per sample).
+
+    Attributes:
+        prompts: prompt text per sample (``""`` for unconditional generation).
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompt tokens.
+        completion_ids, completion_mask: ``[B, T]`` right-padded completion tokens (mask 1 up to and
+            including the first end-of-sequence token).
+        texts: decoded completions (special tokens removed).
+        token_log_q: ``[B, T]`` log-probability of each completion token under the proposal that
+            sampled it (0 where masked).
+        token_log_pi: ``[B, T]`` the same under the unprocessed model distribution :math:`\pi` of the
+            sampling weights (equal to ``token_log_q`` for pure sampling).
+    """
+
+    prompts: list[str]
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[str]
+    token_log_q: torch.Tensor
+    token_log_pi: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def log_q(self) -> torch.Tensor:
+        return self.token_log_q.sum(-1)
+
+    @property
+    def log_pi(self) -> torch.Tensor:
+        return self.token_log_pi.sum(-1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+    def slice(self, start: int, stop: int) -> SampleBatch:
+        """Rows ``start:stop``, trimmed of all-padding columns (less work in the forward pass)."""
+        rows = {f.name: getattr(self, f.name)[start:stop] for f in fields(self)}
+        prompt_keep = rows["prompt_mask"].any(0)
+        first = int(prompt_keep.nonzero()[0]) if bool(prompt_keep.any()) else rows["prompt_mask"].shape[1] - 1
+        for name in ("prompt_ids", "prompt_mask"):
+            rows[name] = rows[name][:, first:]
+        width = max(int(rows["completion_mask"].sum(-1).max()), 1) if stop > start else 1
+        for name in ("completion_ids", "completion_mask", "token_log_q", "token_log_pi"):
+            rows[name] = rows[name][:, :width]
+        return SampleBatch(**rows)
+
+    @staticmethod
+    def concat(batches: Sequence[SampleBatch], pad_token_id: int) -> SampleBatch:
+        """Stack batches with different paddings (prompts re-padded left, completions right)."""
+        if len(batches) == 1:
+            return batches[0]
+        p = max(b.prompt_ids.shape[1] for b in batches)
+        t = max(b.completion_ids.shape[1] for b in batches)
+
+        def left(x: torch.Tensor, value: float) -> torch.Tensor:
+            return F.pad(x, (p - x.shape[1], 0), value=value)
+
+        def right(x: torch.Tensor, value: float) -> torch.Tensor:
+            return F.pad(x, (0, t - x.shape[1]), value=value)
+
+        return SampleBatch(
+            prompts=[s for b in batches for s in b.prompts],
+            prompt_ids=torch.cat([left(b.prompt_ids, pad_token_id) for b in batches]),
+            prompt_mask=torch.cat([left(b.prompt_mask, 0) for b in batches]),
+            completion_ids=torch.cat([right(b.completion_ids, pad_token_id) for b in batches]),
+            completion_mask=torch.cat([right(b.completion_mask, 0) for b in batches]),
+            texts=[s for b in batches for s in b.texts],
+            token_log_q=torch.cat([right(b.token_log_q, 0.0) for b in batches]),
+            token_log_pi=torch.cat([right(b.token_log_pi, 0.0) for b in batches]),
+        )
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token id that ends a completion (the model's generation config may list several)."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    for value in (eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask; an empty prompt becomes the BOS (or EOS) token alone."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+        if not ids:
+            ids = [start]
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    return input_ids, mask
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
+    """1 for every token up to and including the first end-of-sequence token, 0 after it."""
+    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= completion_ids == e
+    ended_before = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    return (~ended_before).long()
+
+
+def pure_sampling_config(
+    max_new_tokens: int, pad_token_id: int, eos_ids: Sequence[int], temperature: float = 1.0, top_p: float = 1.0
+) -> GenerationConfig:
+    """A generation config that samples from the model's distribution and nothing else (top_k=0)."""
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        pad_token_id=pad_token_id,
+        eos_token_id=list(eos_ids),
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+
+
+@torch.inference_mode()
+def sample_completions(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    seed: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> SampleBatch:
+    """Sample one completion per prompt with a seeded ``generate`` call; see the module docstring."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    eos = eos_token_ids(model, tokenizer)
+    config = pure_sampling_config(max_new_tokens, tokenizer.pad_token_id, eos, temperature, top_p)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+    mask = completion_mask_from_eos(completion_ids, eos)
+    token_log_pi = _gather_step_log_probs(out.logits, completion_ids) * mask
+    if temperature == 1.0 and top_p == 1.0:
+        token_log_q = token_log_pi
+    else:
+        token_log_q = _gather_step_log_probs(out.scores, completion_ids) * mask
+    texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask),
+                                   skip_special_tokens=True)
+    return SampleBatch(list(prompts), prompt_ids, prompt_mask, completion_ids, mask, texts,
+                       token_log_q.float(), token_log_pi.float())
+
+
+def _gather_step_log_probs(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    logits = torch.stack(list(step_logits), dim=1).float()  # [B, T, V]
+    chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    log_probs = chosen - torch.logsumexp(logits, -1)
+    # Masked-out positions (after EOS) may hold -inf scores; they are zeroed by the caller's mask.
+    return torch.nan_to_num(log_probs, nan=0.0, neginf=0.0)
+
+
+def completion_token_log_probs(model: torch.nn.Module, batch: SampleBatch) -> torch.Tensor:
+    r"""``[B, T]`` log-probabilities of the completion tokens under ``model`` (0 where masked).
+
+    One forward pass over prompt + completion with explicit position ids (so left padding does not
+    shift positions), computing the LM head only on the completion positions (``logits_to_keep``).
+    Keeps the autograd graph unless called under ``torch.no_grad``/``inference_mode``.
+    """
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    t = batch.completion_ids.shape[1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=t + 1, use_cache=False)
+    logits = out.logits[:, -(t + 1):-1].float()
+    chosen = logits.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return (chosen - torch.logsumexp(logits, -1)) * batch.completion_mask

@@ -1,0 +1,108 @@
+"""Shared fixtures: a tiny character-level tokenizer and tiny random Llama / GPT-2 models, built locally.
+
+Nothing here downloads anything; the hub is switched off for the whole test session.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import string  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+"""Special tokens of the tiny tokenizer; they take ids 0-3 in this order."""
+
+TINY_CHARACTERS = string.ascii_lowercase + string.digits + " \n" + string.punctuation
+"""The tiny tokenizer's ordinary vocabulary: one token per character (text is lowercased first)."""
+
+TINY_SEED = 1234
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Build a character-level ``PreTrainedTokenizerFast`` (lowercasing; no bos/eos added on encode)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS.values())}
+    for character in TINY_CHARACTERS:
+        vocab.setdefault(character, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=128, **SPECIAL_TOKENS)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The special token ids every tiny model config carries."""
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def _save_tiny_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> Path:
+    """Save ``model`` (safetensors) and ``tokenizer`` like a real checkpoint and return ``directory``."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer over lowercase letters, digits, whitespace and punctuation."""
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding a randomly initialised 2-layer Llama and the tiny tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        **_token_ids(tiny_tokenizer),
+    )
+    torch.manual_seed(TINY_SEED)
+    model = LlamaForCausalLM(config)
+    return _save_tiny_model(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding a randomly initialised 2-layer GPT-2 and the tiny tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(tiny_tokenizer),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=128,
+        **_token_ids(tiny_tokenizer),
+    )
+    torch.manual_seed(TINY_SEED)
+    model = GPT2LMHeadModel(config)
+    return _save_tiny_model(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_gpt2"))
