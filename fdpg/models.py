@@ -160,9 +160,11 @@ def prepare_embedded_model(cache_dir: Path | None = None, force: bool = False) -
     )
     started = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         _write_prepared(gguf_path, staging)
+        _make_readable(staging)
         _move_into_place(staging, target, force=force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -185,6 +187,24 @@ def _write_prepared(gguf_path: Path, directory: Path) -> None:
         "dtype": "float32",
     }
     (directory / PREPARED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _remove_stale_staging(target: Path, max_age_s: float = 3600.0) -> None:
+    """Delete staging directories beside ``target`` left by preparations killed more than an hour ago."""
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            if time.time() - stale.stat().st_mtime > max_age_s:
+                logger.info("Removing %s, left by an interrupted preparation", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # removed meanwhile
+
+
+def _make_readable(directory: Path) -> None:
+    """Give the prepared files ordinary permissions (``mkdtemp`` makes the directory private to its owner)."""
+    directory.chmod(0o755)
+    for path in directory.iterdir():
+        path.chmod(0o644)
 
 
 def _move_into_place(staging: Path, target: Path, force: bool) -> None:

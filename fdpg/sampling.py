@@ -162,7 +162,6 @@ def pure_sampling_config(
     )
 
 
-@torch.inference_mode()
 def sample_completions(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -178,10 +177,11 @@ def sample_completions(
     eos = eos_token_ids(model, tokenizer)
     config = pure_sampling_config(max_new_tokens, tokenizer.pad_token_id, eos, temperature, top_p)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(seed)
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-    completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+    # Clone out of inference mode: these tensors later index the training forward pass.
+    completion_ids = out.sequences[:, prompt_ids.shape[1]:].clone()
     mask = completion_mask_from_eos(completion_ids, eos)
     token_log_pi = _gather_step_log_probs(out.logits, completion_ids) * mask
     if temperature == 1.0 and top_p == 1.0:
@@ -195,7 +195,7 @@ def sample_completions(
 
 
 def _gather_step_log_probs(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    logits = torch.stack(list(step_logits), dim=1).float()  # [B, T, V]
+    logits = torch.stack([x.clone() for x in step_logits], dim=1).float()  # [B, T, V]
     chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     log_probs = chosen - torch.logsumexp(logits, -1)
     # Masked-out positions (after EOS) may hold -inf scores; they are zeroed by the caller's mask.

@@ -236,7 +236,8 @@ class FDPGTrainer:
         g_log_P, g_log_q, g_log_pi, g_log_a = (self._gather(x) for x in (log_P, log_q, log_pi_now, log_a))
         g_features = {k: self._gather(v) for k, v in features.items()}
         self.log_z.update(g_log_P - g_log_q, g_keys)
-        g_log_p = g_log_P - self.log_z.log_z_many(g_keys)
+        # P(x) = 0 means p(x) = 0 whatever Z is (and Z is 0 while no sample of a key has had P > 0).
+        g_log_p = torch.where(g_log_P == -math.inf, g_log_P, g_log_P - self.log_z.log_z_many(g_keys))
         g_rewards = self.divergence.pseudo_reward(g_log_pi, g_log_p, max_log_ratio=cfg.max_log_ratio)
         g_baseline = self._baseline(g_rewards, g_keys)
         g_weights = torch.exp(g_log_pi - g_log_q)
@@ -252,6 +253,17 @@ class FDPGTrainer:
         lo_idx = acc.process_index * self.local_batch
         local = slice(lo_idx, lo_idx + self.local_batch)
         rewards, baseline, weights = g_rewards[local], g_baseline[local], g_weights[local]
+        # Metrics (the task's code, collectives) before the update: once the weights have moved, nothing
+        # may fail, or the last checkpoint written after a failure would hold this step's weights.
+        g_tokens = self._gather_list([row[:n].tolist() for row, n in zip(batch.completion_ids, batch.lengths)])
+        g_texts = self._gather_list(list(batch.texts))
+        metrics: dict[str, Any] = {"step": step + 1}
+        metrics.update({k: float(v) for k, v in self.metrics_fn(g_features).items()})
+        metrics.update(batch_metrics(self.divergence, g_log_pi, g_log_q, g_log_a, g_log_p, g_tokens, g_rewards,
+                                     g_texts))
+        metrics.update(self.log_z.summary())
+        self._last_samples = (g_texts, self._gather_list(list(batch.prompts)), g_features, g_log_pi, g_log_a,
+                              g_log_p, g_rewards)
         timings["time/bookkeeping"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -279,17 +291,8 @@ class FDPGTrainer:
         timings["time/optimizer"] = time.perf_counter() - t
         total = time.perf_counter() - t0
 
-        g_tokens = self._gather_list([row[:n].tolist() for row, n in zip(batch.completion_ids, batch.lengths)])
-        g_texts = self._gather_list(list(batch.texts))
-        metrics: dict[str, Any] = {"step": step + 1}
-        metrics.update({k: float(v) for k, v in self.metrics_fn(g_features).items()})
-        metrics.update(batch_metrics(self.divergence, g_log_pi, g_log_q, g_log_a, g_log_p, g_tokens, g_rewards,
-                                     g_texts))
-        metrics.update(self.log_z.summary())
         metrics.update({"lr": lr, "grad_norm": grad_norm, "proposal_refreshed": refresh,
                         "tokens_per_s": sum(len(r) for r in g_tokens) / total, "time/step": total, **timings})
-        self._last_samples = (g_texts, self._gather_list(list(batch.prompts)), g_features, g_log_pi, g_log_a,
-                              g_log_p, g_rewards)
         return metrics
 
     # ------------------------------------------------------------------ logging and checkpoints
@@ -319,6 +322,9 @@ class FDPGTrainer:
     def _restore(self, run: RunLog) -> None:
         saved = run.saved_config()
         diff = incompatible_settings(saved, self.config)
+        # config.json holds the resolved `conditional` (unset = the target decides): compare resolved values.
+        if "conditional" in diff and saved.get("conditional") == self.conditional:
+            del diff["conditional"]
         if diff:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
             raise ValueError(f"cannot resume {run.dir}: settings differ ({lines}). Resume with the same settings.")
@@ -366,12 +372,13 @@ class FDPGTrainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main), desc="f-DPG")
         try:
             while self.step < cfg.steps:
-                snapshot = (self.log_z.state_dict(), self.moving_baseline.state_dict())
+                snapshot = (self.log_z.state_dict(), self.moving_baseline.state_dict(), self.proposal)
                 try:
                     last = self.train_step(self.step)
                 except BaseException:
                     self.log_z.load_state_dict(snapshot[0])
                     self.moving_baseline.load_state_dict(snapshot[1])
+                    self.proposal = snapshot[2]
                     raise
                 self.step += 1
                 if self.is_main:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from pathlib import Path
 
@@ -135,6 +136,55 @@ def test_interrupted_preparation_is_not_prepared(tmp_path: Path) -> None:
     assert not models.is_prepared(tmp_path)  # no completion marker
     (tmp_path / models.PREPARED_MARKER).write_text("{}")
     assert models.is_prepared(tmp_path)
+
+
+def _fake_write_prepared(gguf_path: Path, directory: Path) -> None:
+    """Stand-in for the slow dequantisation: writes the files that make a directory "prepared"."""
+    (directory / "config.json").write_text("{}")
+    (directory / "model.safetensors").write_text(str(time.time_ns()))
+    (directory / models.PREPARED_MARKER).write_text("{}")
+
+
+def test_prepare_writes_atomically_and_force_replaces(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(models, "find_embedded_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "_write_prepared", _fake_write_prepared)
+    target = tmp_path / "cache" / "model"
+    assert models.prepare_embedded_model(target) == target
+    first = (target / "model.safetensors").read_text()
+    models.prepare_embedded_model(target)
+    assert (target / "model.safetensors").read_text() == first  # prepared: nothing rewritten
+    models.prepare_embedded_model(target, force=True)
+    assert (target / "model.safetensors").read_text() != first
+    assert sorted(path.name for path in target.parent.iterdir()) == ["model"]  # no staging leftovers
+
+
+def test_prepare_removes_stale_staging_dirs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(models, "find_embedded_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "_write_prepared", _fake_write_prepared)
+    target = tmp_path / "cache" / "model"
+    stale, fresh = target.parent / ".model.tmp-stale", target.parent / ".model.tmp-fresh"
+    for directory in (stale, fresh):
+        directory.mkdir(parents=True)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    models.prepare_embedded_model(target)
+    assert not stale.exists()
+    assert fresh.exists()  # may belong to a preparation still running
+    assert (target.stat().st_mode & 0o777) == 0o755
+
+
+def test_interrupted_prepare_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def crash(gguf_path: Path, directory: Path) -> None:
+        (directory / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "find_embedded_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "_write_prepared", crash)
+    target = tmp_path / "cache" / "model"
+    with pytest.raises(KeyboardInterrupt):
+        models.prepare_embedded_model(target)
+    assert list(target.parent.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,161 @@
+"""The ``fdpg`` command line: training runs, config files and flags, and clear errors (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fdpg_testing import read_jsonl
+
+from fdpg.cli import main, parse_train_args
+from objectives import available_divergences
+
+SMALL = ["--steps", "1", "--batch_size", "4", "--samples_per_prompt", "2", "--max_new_tokens", "8",
+         "--progress", "false"]
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """``main(argv)``'s exit code (argparse errors raise SystemExit), stdout and stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_sentiment_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(["train", "--model", str(tiny_model_dir), "--task", "sentiment",
+                              "--output_dir", str(tmp_path / "run"), *SMALL], capsys)
+    assert code == 0, err
+    assert "finished after 1/1 steps" in out and str(tmp_path / "run") in out
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(metrics) == 1
+    assert {"score/reward", "score/positive_fraction"} <= set(metrics[0])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert config["task"] == "sentiment" and config["model"] == str(tiny_model_dir)
+    assert config["conditional"] is True  # the sentiment task's target is conditional
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "finished"
+
+
+def test_config_file_values_are_used_and_flags_override_them(tiny_model_dir: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    config_file = tmp_path / "settings.yaml"
+    config_file.write_text(
+        f"model: {tiny_model_dir}\ntask: sentiment\ndivergence: js\nbeta: 0.5\nsteps: 3\nbatch_size: 4\n"
+        f"samples_per_prompt: 2\nmax_new_tokens: 8\nprogress: false\nlearning_rate: 0.01\n"
+        f"output_dir: {tmp_path / 'from-file'}\n"
+    )
+    parsed = parse_train_args(["--config", str(config_file), "--divergence", "fkl", "--steps", "1"])
+    assert (parsed.divergence, parsed.steps, parsed.beta, parsed.learning_rate) == ("fkl", 1, 0.5, 0.01)
+
+    code, _, err = run_cli(["train", "--config", str(config_file), "--divergence", "fkl", "--steps", "1",
+                            "--output_dir", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert saved["divergence"] == "fkl" and saved["steps"] == 1  # flags win
+    assert saved["beta"] == 0.5 and saved["learning_rate"] == 0.01 and saved["max_new_tokens"] == 8  # file
+    assert not (tmp_path / "from-file").exists()
+
+
+def test_json_config_file(tmp_path: Path) -> None:
+    config_file = tmp_path / "settings.json"
+    config_file.write_text(json.dumps({"divergence": "tv", "lora_r": 4}))
+    parsed = parse_train_args(["--config", str(config_file)])
+    assert parsed.divergence == "tv" and parsed.lora_r == 4
+
+
+def test_dashes_work_like_underscores() -> None:
+    parsed = parse_train_args(["--batch-size", "4", "--samples-per-prompt", "2", "--max-new-tokens", "9",
+                               "--lora-target-modules", "all-linear"])
+    assert (parsed.batch_size, parsed.samples_per_prompt, parsed.max_new_tokens) == (4, 2, 9)
+    assert parsed.lora_target_modules == "all-linear"
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--divergence", "jss"], r"unknown divergence 'jss'.*'js'"),
+        (["--divergence", "revers_kl"], r"unknown divergence 'revers_kl'.*'reverse_kl'"),
+        (["--task", "sentimnt"], r"unknown task 'sentimnt'.*'sentiment'"),
+        (["--batch_size", "6", "--samples_per_prompt", "4"], r"--batch_size \(6\) must be a multiple of "
+                                                             r"--samples_per_prompt \(4\)"),
+        (["--steps", "0"], r"--steps must be a positive integer"),
+        (["--beta", "-1"], r"--beta must be a positive number"),
+        (["--baseline", "median"], r"--baseline must be one of"),
+        (["--task_args", "oops"], r"--task_args items must be key=value"),
+        (["--prompts_file", "/nonexistent/prompts.txt"], r"--prompts_file '/nonexistent/prompts.txt' does not exist"),
+    ],
+)
+def test_bad_settings_exit_2_with_a_clear_message(extra: list[str], needle: str, tiny_model_dir: Path,
+                                                  tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["train", "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "run"),
+                            *SMALL, *extra], capsys)
+    assert code == 2
+    assert err.startswith("fdpg train: error: ")
+    assert "Traceback" not in err
+    assert re.search(needle, err), err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_missing_model_path(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["train", "--model", str(tmp_path / "no-such-model"), "--output_dir",
+                            str(tmp_path / "run"), *SMALL], capsys)
+    assert code == 2 and "does not exist" in err and "no-such-model" in err
+
+
+def test_empty_prompts_file(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n  \n")
+    code, _, err = run_cli(["train", "--model", str(tiny_model_dir), "--prompts_file", str(prompts),
+                            "--output_dir", str(tmp_path / "run"), *SMALL], capsys)
+    assert code == 2 and "holds no prompt" in err
+
+
+def test_prompt_longer_than_the_context(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("short prompt\n" + "x" * 200 + "\n")
+    code, _, err = run_cli(["train", "--model", str(tiny_model_dir), "--prompts_file", str(prompts),
+                            "--output_dir", str(tmp_path / "run"), *SMALL], capsys)
+    assert code == 2
+    assert "200 tokens" in err and "context of 128 tokens" in err and "--max_new_tokens 8" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_prompts_file_replaces_the_task_prompts(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("my prompt one\nanother one\n")
+    code, _, err = run_cli(["train", "--model", str(tiny_model_dir), "--prompts_file", str(prompts),
+                            "--output_dir", str(tmp_path / "run"), *SMALL], capsys)
+    assert code == 0, err
+    used = {s["prompt"] for s in read_jsonl(tmp_path / "run" / "samples.jsonl")}
+    assert used <= {"my prompt one", "another one"} and used
+
+
+def test_unparseable_flag_value_exits_2(capsys) -> None:
+    code, _, err = run_cli(["train", "--steps", "many"], capsys)
+    assert code == 2 and "--steps" in err
+
+
+def test_unknown_command_exits_2(capsys) -> None:
+    code, out, err = run_cli(["trian"], capsys)
+    assert code == 2 and "unknown command 'trian'" in err and "fdpg train" in out
+
+
+def test_divergences_and_tasks_are_listed(capsys) -> None:
+    code, out, _ = run_cli(["divergences"], capsys)
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert listed == available_divergences()
+    assert {"rkl", "fkl", "tv", "js", "alpha"} <= set(listed)
+    code, out, _ = run_cli(["tasks"], capsys)
+    assert code == 0 and out.split()[0] == "sentiment" and "VADER" in out
+
+
+def test_train_help_lists_the_settings(capsys) -> None:
+    code, out, _ = run_cli(["train", "--help"], capsys)
+    assert code == 0
+    for flag in ("--divergence", "--beta", "--lora_r", "--resume", "--config", "--batch_size"):
+        assert flag in out

@@ -1,0 +1,177 @@
+"""The f-DPG trainer end to end on a tiny model: run directory, metrics, LoRA reference, divergences."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from fdpg_testing import REQUIRED_METRICS, read_jsonl, toy_scorer, trainable_state
+from safetensors.torch import load_file
+
+from fdpg.models import load_causal_lm
+from fdpg.sampling import completion_token_log_probs, sample_completions
+from objectives import ZeroTargetError, binary_constraint, rl_with_kl
+
+
+def _check_run_dir(run_dir: Path, steps: int, weights_file: str) -> list[dict]:
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config"]["steps"] == steps and config["config"]["divergence"]
+    env = config["environment"]
+    assert {"versions", "git_commit"} <= set(env)
+    assert env["versions"]["torch"] and env["versions"]["transformers"] and env["versions"]["fdpg"]
+
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    for m in metrics:
+        missing = [k for k in REQUIRED_METRICS if k not in m]
+        assert not missing, f"metrics.jsonl lacks {missing}"
+        assert any(k.startswith("score/") for k in m)
+        for k in ("kl_pi_a", "entropy", "log_z", "tokens_per_s", "time/generate", "time/backward"):
+            assert isinstance(m[k], float) and math.isfinite(m[k]), (k, m[k])
+        assert 0 <= m["distinct_1"] <= 1 and m["tokens_per_s"] > 0
+
+    samples = read_jsonl(run_dir / "samples.jsonl")
+    assert len(samples) == 8 * steps
+    assert {"step", "prompt", "completion", "scores", "log_pi", "log_a", "log_p", "pseudo_reward"} <= set(samples[0])
+    first = [s for s in samples if s["step"] == 1]
+    assert [s["scores"]["reward"] for s in first] == pytest.approx(toy_scorer([s["completion"] for s in first],
+                                                                              [])["reward"])
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps_completed"] == steps and summary["error"] is None
+    assert (run_dir / "final" / weights_file).is_file()
+    assert (run_dir / "checkpoints" / f"step-{steps}" / "trainable.safetensors").is_file()
+    return metrics
+
+
+def test_full_fine_tuning_run_writes_everything_and_trains(make_trainer, tiny_model_dir: Path) -> None:
+    trainer = make_trainer(steps=3)
+    before = trainable_state(trainer)
+    summary = trainer.train()
+    assert summary["status"] == "finished"
+    run_dir = trainer.run_dir
+    metrics = _check_run_dir(run_dir, 3, "model.safetensors")
+    after = trainable_state(trainer)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before), f"unchanged parameters: {set(before) - set(changed)}"
+    assert metrics[0]["kl_pi_a"] == pytest.approx(0.0, abs=1e-5)  # first batch: pi = a
+    assert metrics[-1]["kl_pi_a"] != pytest.approx(0.0, abs=1e-6)
+    # final/ is the trained model, and the reference copy is still the base model
+    final = load_file(str(run_dir / "final" / "model.safetensors"))
+    name = next(k for k in final if "q_proj" in k)
+    torch.testing.assert_close(final[name], after[name])
+    base = load_causal_lm(str(tiny_model_dir))
+    for n, p in trainer.policy._reference.named_parameters():
+        assert torch.equal(p, base.state_dict()[n]), n
+
+
+def test_lora_run_reference_is_the_adapter_free_base(make_trainer, tiny_model_dir: Path) -> None:
+    trainer = make_trainer(steps=3, lora_r=4, lora_target_modules="q_proj,v_proj")
+    policy = trainer.policy
+    assert policy.uses_lora and policy._reference is None  # no second copy of the weights
+    before = trainable_state(trainer)
+    assert before and all("lora_" in k for k in before)
+    trainer.train()
+    _check_run_dir(trainer.run_dir, 3, "adapter_model.safetensors")
+    after = trainable_state(trainer)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    base = load_causal_lm(str(tiny_model_dir))
+    model = trainer._unwrapped()
+    # The base weights inside the PEFT model did not change.
+    base_state = base.state_dict()
+    frozen = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+              for k, v in model.state_dict().items() if "lora_" not in k}
+    assert set(frozen) == set(base_state)
+    for name, value in base_state.items():
+        assert torch.equal(frozen[name], value), name
+
+    batch = sample_completions(model, policy.tokenizer, ["hello", "the cat sat on"] * 2, 10, seed=5)
+    with torch.no_grad():
+        with policy.reference(model) as ref:
+            log_a = completion_token_log_probs(ref, batch)
+        log_base = completion_token_log_probs(base, batch)
+        log_pi = completion_token_log_probs(model, batch)
+    torch.testing.assert_close(log_a, log_base, atol=1e-5, rtol=0)
+    assert float((log_pi - log_a).abs().max()) > 1e-4  # the adapter is back on after the context
+    assert any("lora_" in k for k in load_file(str(trainer.run_dir / "final" / "adapter_model.safetensors")))
+
+
+def test_second_run_never_overwrites_the_first(make_trainer, tmp_path: Path) -> None:
+    first = make_trainer(steps=1, output_dir=tmp_path / "same")
+    first.train()
+    first_metrics = (tmp_path / "same" / "metrics.jsonl").read_text()
+    second = make_trainer(steps=1, output_dir=tmp_path / "same")
+    second.train()
+    assert first.run_dir == tmp_path / "same"
+    assert second.run_dir == tmp_path / "same-2"
+    assert (tmp_path / "same" / "metrics.jsonl").read_text() == first_metrics
+    assert len(read_jsonl(tmp_path / "same-2" / "metrics.jsonl")) == 1
+
+
+def _vowel_constraint(completions: list[str], prompts: list[str]) -> dict[str, list[float]]:
+    """b = 1 for completions containing a vowel (about half of the tiny model's samples)."""
+    return {"b": [float(any(v in t for v in "aeiou")) for t in completions]}
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "tv", "js"])
+def test_finite_f_prime_at_infinity_handles_zero_target(make_trainer, divergence: str) -> None:
+    expected = {"fkl": 0.0, "tv": -0.5, "js": -math.log(2)}[divergence]  # -f'(inf) where p = 0
+    trainer = make_trainer(steps=2, divergence=divergence, target=binary_constraint("b"),
+                           scorer=_vowel_constraint)
+    before = trainable_state(trainer)
+    summary = trainer.train()
+    assert summary["status"] == "finished"
+    metrics = read_jsonl(trainer.run_dir / "metrics.jsonl")
+    assert all(0 < m["target_zero_fraction"] < 1 for m in metrics)
+    samples = read_jsonl(trainer.run_dir / "samples.jsonl")
+    zero = [s for s in samples if s["scores"]["b"] == 0]
+    assert zero and all(s["log_p"] is None for s in zero)  # -inf is written as null
+    assert all(s["pseudo_reward"] == pytest.approx(expected) for s in zero)
+    assert all(math.isfinite(s["pseudo_reward"]) for s in samples)
+    after = trainable_state(trainer)
+    assert any(not torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_all_zero_first_batch_under_forward_kl(make_trainer) -> None:
+    """No sample has P > 0 yet (Z estimate 0): p = 0 for every sample, not NaN."""
+    trainer = make_trainer(steps=2, divergence="fkl", target=binary_constraint("b"),
+                           scorer=lambda c, p: {"b": [0.0] * len(c)})
+    assert trainer.train()["status"] == "finished"
+    metrics = read_jsonl(trainer.run_dir / "metrics.jsonl")
+    assert [m["target_zero_fraction"] for m in metrics] == [1.0, 1.0]
+    assert [m["pseudo_reward_mean"] for m in metrics] == [0.0, 0.0]
+
+
+def test_reverse_kl_on_zero_target_fails_clearly(make_trainer) -> None:
+    trainer = make_trainer(steps=2, divergence="rkl", target=binary_constraint("b"),
+                           scorer=lambda c, p: {"b": [float(i % 2) for i in range(len(c))]})
+    with pytest.raises(ZeroTargetError, match=r"p\(x\) = 0.*'rkl'.*(fkl|max_log_ratio)"):
+        trainer.train()
+    summary = json.loads((trainer.run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "ZeroTargetError" in summary["error"]
+    assert summary["steps_completed"] == 0
+    assert not (trainer.run_dir / "final").exists()
+
+
+def test_conditional_target_keeps_one_log_z_per_prompt(make_trainer) -> None:
+    trainer = make_trainer(steps=2, target=rl_with_kl("reward", 0.1).as_conditional())
+    trainer.train()
+    metrics = read_jsonl(trainer.run_dir / "metrics.jsonl")
+    prompts = {s["prompt"] for s in read_jsonl(trainer.run_dir / "samples.jsonl")}
+    assert metrics[-1]["log_z_keys"] == len(prompts) >= 2
+    assert json.loads((trainer.run_dir / "config.json").read_text())["config"]["conditional"] is True
+
+
+def test_gpt2_with_lora_on_its_attention(make_trainer, tiny_gpt2_dir: Path) -> None:
+    trainer = make_trainer(model_dir=tiny_gpt2_dir, steps=1, lora_r=4, lora_target_modules="c_attn")
+    assert trainer.train()["status"] == "finished"
+    assert (trainer.run_dir / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_lora_target_modules_that_do_not_exist_name_the_real_layers(make_trainer) -> None:
+    with pytest.raises(ValueError, match=r"--lora_target_modules 'c_attn'.*q_proj"):
+        make_trainer(lora_r=4, lora_target_modules="c_attn")
