@@ -107,7 +107,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be a positive integer, got {value!r}")
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(
-                f"--batch_size ({self.batch_size}) must be a multiple of --samples_per_prompt ({self.samples_per_prompt})"
+                f"--batch_size ({self.batch_size}) must be a multiple of "
+                f"--samples_per_prompt ({self.samples_per_prompt})"
             )
         for name in ("beta", "learning_rate", "temperature"):
             value = getattr(self, name)

@@ -49,11 +49,26 @@ class Policy:
         uses_lora: whether the reference is the adapter-disabled policy.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: LoraSettings | None = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        lora: LoraSettings | None = None,
+        reference: PreTrainedModel | None = None,
+    ):
+        """Wrap ``model``: add a LoRA adapter (``lora``), or keep ``reference`` (default: a frozen copy).
+
+        A ``model`` that already is a ``PeftModel`` (a trained adapter) is used as it is, with the
+        adapter-disabled model as its reference.
+        """
+        from peft import PeftModel
+
         self.tokenizer = tokenizer
-        self.uses_lora = lora is not None and lora.r > 0
+        self.uses_lora = (lora is not None and lora.r > 0) or isinstance(model, PeftModel)
         self._reference: PreTrainedModel | None = None
-        if self.uses_lora:
+        if isinstance(model, PeftModel):
+            pass
+        elif self.uses_lora:
             from peft import get_peft_model
 
             try:
@@ -66,7 +81,8 @@ class Policy:
                     f"Its linear layers are named {names}; or use 'all-linear'."
                 ) from exc
         else:
-            self._reference = copy.deepcopy(model).requires_grad_(False).eval()
+            reference = copy.deepcopy(model) if reference is None else reference
+            self._reference = reference.requires_grad_(False).eval()
         self.model = model.eval()
 
     @classmethod

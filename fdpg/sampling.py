@@ -24,7 +24,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 @dataclass
 class SampleBatch:
-    """Completions and everything the trainer needs about them (one row per sample).
+    r"""Completions and everything the trainer needs about them (one row per sample).
 
     Attributes:
         prompts: prompt text per sample (``""`` for unconditional generation).

@@ -56,6 +56,11 @@ class StopTraining(Exception):
     """Raised inside the loop when SIGTERM/SIGINT asked the run to stop after saving."""
 
 
+def feature_means(features: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The default alignment metrics: the batch mean of every feature."""
+    return {f"score/{k}": float(v.double().mean()) for k, v in features.items()}
+
+
 def _seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
@@ -89,14 +94,15 @@ class FDPGTrainer:
         self.scorer = scorer
         self.prompts = list(prompts) if prompts else [""]
         self.conditional = target.conditional if config.conditional is None else config.conditional
-        self.metrics_fn = metrics_fn or (lambda feats: {f"score/{k}": float(v.double().mean()) for k, v in feats.items()})
+        self.metrics_fn = metrics_fn or feature_means
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
             log_with=None if config.report_to == "none" else config.report_to.split(","),
         )
         world = self.accelerator.num_processes
         if config.batch_size % world:
-            raise ValueError(f"--batch_size ({config.batch_size}) must be divisible by the number of processes ({world})")
+            raise ValueError(f"--batch_size ({config.batch_size}) must be divisible by the number of processes "
+                             f"({world})")
         self.local_batch = config.batch_size // world
         self.chunk = math.gcd(config.generation_batch_size, self.local_batch)
         self.policy = policy

@@ -31,7 +31,12 @@ from objectives.errors import (
 from objectives.estimators import BASELINES, MovingAverageBaseline, batch_baseline, surrogate_loss
 from objectives.moments import MomentFit, fit_lambdas
 from objectives.partition import LogZEstimator
-from objectives.registry import available_divergences, describe_divergences, get_divergence, register_divergence
+from objectives.registry import (
+    available_divergences,
+    describe_divergences,
+    get_divergence,
+    register_divergence,
+)
 from objectives.targets import (
     BinaryConstraint,
     Energy,

@@ -223,7 +223,10 @@ class ForwardKL(Divergence):
 
 
 class TotalVariation(Divergence):
-    r"""Total variation :math:`\tfrac12\sum|\pi - p|`: :math:`f(t) = |t - 1|/2`, :math:`f'(t) = \mathrm{sign}(t-1)/2`."""
+    r"""Total variation :math:`\tfrac12\sum|\pi - p|`.
+
+    :math:`f(t) = |t - 1|/2`, :math:`f'(t) = \mathrm{sign}(t-1)/2`, :math:`f'(\infty) = 1/2`.
+    """
 
     name = "tv"
     description = "total variation distance, f(t) = |t - 1| / 2"
@@ -257,7 +260,7 @@ class JensenShannon(Divergence):
 
 
 class Alpha(Divergence):
-    r"""Amari :math:`\alpha`-divergence: :math:`f_\alpha(t) = \frac{t^\alpha - \alpha t - (1-\alpha)}{\alpha(\alpha-1)}`.
+    r"""Amari :math:`\alpha`-divergence, :math:`f_\alpha(t) = \frac{t^\alpha-\alpha t-(1-\alpha)}{\alpha(\alpha-1)}`.
 
     :math:`f'_\alpha(t) = \frac{t^{\alpha-1} - 1}{\alpha - 1}`, :math:`f'(\infty) = 1/(1-\alpha)` for
     :math:`\alpha < 1`, :math:`\infty` otherwise. The limit :math:`\alpha \to 1` is
@@ -292,7 +295,7 @@ class Alpha(Divergence):
 
 
 class PearsonChi2(Divergence):
-    r"""Pearson :math:`\chi^2(\pi\|p)`: :math:`f(t) = (t - 1)^2`, :math:`f'(t) = 2(t - 1)`, :math:`f'(\infty) = \infty`."""
+    r"""Pearson :math:`\chi^2(\pi\|p)`: :math:`f(t) = (t-1)^2`, :math:`f'(t) = 2(t-1)`, :math:`f'(\infty)=\infty`."""
 
     name = "chi2"
     description = "Pearson chi-squared, f(t) = (t - 1)^2"

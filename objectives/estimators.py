@@ -59,7 +59,7 @@ def batch_baseline(
 
 
 class MovingAverageBaseline:
-    r"""Exponential moving average of past batches' mean pseudo-reward, :math:`b \leftarrow \gamma b + (1-\gamma)\bar R`.
+    r"""Moving average of past batches' mean pseudo-reward, :math:`b \leftarrow \gamma b + (1-\gamma)\bar R`.
 
     Independent of the current samples (so unbiased), returned before it is updated with them.
     """

@@ -45,7 +45,9 @@ def validate_generator(div: Divergence, name: str) -> None:
         bad = ~torch.isfinite(vals)
         if bool(bad.any()):
             t_bad = math.exp(float(GRID_LOG_T[bad][0]))
-            raise InvalidGeneratorError(f"generator {name!r} fails finiteness: {label}(t) is not finite at t = {t_bad:.6g}")
+            raise InvalidGeneratorError(
+                f"generator {name!r} fails finiteness: {label}(t) is not finite at t = {t_bad:.6g}"
+            )
     steps = fp_vals[1:] - fp_vals[:-1]
     tol = CONVEXITY_RTOL * (1.0 + fp_vals[1:].abs())
     bad = steps < -tol

@@ -90,7 +90,7 @@ def fit_lambdas(
     log_weights: torch.Tensor | Sequence[float] | None = None,
     tol: float = 1e-6,
 ) -> MomentFit:
-    r"""Fit :math:`\lambda` so that :math:`E_{p_\lambda}[\phi_i] = \bar\mu_i` for :math:`p_\lambda \propto a e^{\lambda\cdot\phi}`.
+    r"""Fit :math:`\lambda` so that :math:`E_{p_\lambda}[\phi_i] = \bar\mu_i` where :math:`p_\lambda \propto a e^{\lambda\phi}`.
 
     Args:
         phi: feature name -> values on the samples (shape ``[n]``).
@@ -115,7 +115,8 @@ def fit_lambdas(
         lo, hi = matrix[support, i].min(), matrix[support, i].max()
         if not lo < mu[i] < hi:
             raise UnreachableMomentError(
-                f"target moment {name} = {mu[i]:g} is outside the open range ({lo:g}, {hi:g}) of the {int(support.sum())} "
+                f"target moment {name} = {mu[i]:g} is outside the open range ({lo:g}, {hi:g}) of the "
+                f"{int(support.sum())} "
                 "samples: no finite lambda reaches it. Draw more (or more diverse) samples, or pick a moment inside."
             )
 

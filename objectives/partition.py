@@ -105,7 +105,7 @@ class LogZEstimator:
         return lse - math.log(n)
 
     def log_z_many(self, keys: Sequence[Hashable] | None, n: int | None = None) -> torch.Tensor:
-        """:math:`\\log\\hat Z` for each sample's key as a float64 tensor (``keys=None``: the global key ``n`` times)."""
+        """:math:`\\log\\hat Z` per sample's key, float64 (``keys=None``: the global key ``n`` times)."""
         if keys is None:
             if n is None:
                 raise ValueError("pass keys, or n for the global key")

@@ -69,7 +69,9 @@ def register_divergence(
     elif callable(divergence):
         factory = divergence
     else:
-        raise TypeError(f"register_divergence({name!r}, ...) needs a Divergence, a subclass or a factory, got {divergence!r}")
+        raise TypeError(
+            f"register_divergence({name!r}, ...) needs a Divergence, a subclass or a factory, got {divergence!r}"
+        )
     _FACTORIES[key] = factory
     _DESCRIPTIONS[key] = description
     for alias in aliases:

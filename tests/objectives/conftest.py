@@ -14,7 +14,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import torch  # noqa: E402
 from toy_model import ToyProblem, make_problem  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run these tiny-tensor tests on one intra-op thread (restored afterwards).
+
+    With several threads, the thread pool's synchronisation dominates such small operations and the
+    loops here run several times slower, far more so on a loaded machine.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -33,9 +47,3 @@ def binary_problem() -> ToyProblem:
 def expfam_problem() -> ToyProblem:
     """P = a exp(lambda phi), lambda fitted exactly so that E_p[phi] = 0.5."""
     return make_problem("expfam")
-
-
-@pytest.fixture
-def problem(request: pytest.FixtureRequest) -> ToyProblem:
-    """The toy problem of the kind given by indirect parametrisation (``"rl"``, ``"binary"``, ``"expfam"``)."""
-    return make_problem(request.param)

@@ -229,13 +229,14 @@ def test_sampled_training_reaches_one_percent_of_the_start(kind: str, name: str)
     div = divergence(name)
     start, end = train(problem, div)
     assert start > 0.1
-    assert 0 <= end < 0.01 * start, f"{kind}/{name}: D_f went from {start:.4f} to {end:.4g} ({end / start:.2%})"
+    assert -1e-12 < end < 0.01 * start, f"{kind}/{name}: D_f went from {start:.4f} to {end:.4g} ({end / start:.2%})"
 
 
 @pytest.mark.parametrize("name", ["rkl", "chi2"])
 def test_infinite_divergence_to_a_binary_target_is_refused(binary_problem: ToyProblem, name: str) -> None:
     div = get_divergence(name)
-    assert math.isinf(float(binary_problem.exact_divergence(div)))
+    with torch.no_grad():
+        assert math.isinf(float(binary_problem.exact_divergence(div)))
     with pytest.raises(ZeroTargetError, match="max_log_ratio"):
         train(binary_problem, div)
 
