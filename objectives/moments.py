@@ -90,7 +90,7 @@ def fit_lambdas(
     log_weights: torch.Tensor | Sequence[float] | None = None,
     tol: float = 1e-6,
 ) -> MomentFit:
-    r"""Fit :math:`\lambda` so that :math:`E_{p_\lambda}[\phi_i] = \bar\mu_i` where :math:`p_\lambda \propto a e^{\lambda\phi}`.
+    r"""Fit :math:`\lambda` such that :math:`E_{p_\lambda}[\phi_i] = \bar\mu_i` (see the module docstring).
 
     Args:
         phi: feature name -> values on the samples (shape ``[n]``).
