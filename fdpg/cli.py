@@ -3,6 +3,7 @@
 ::
 
     fdpg train [--config FILE.yaml] [--task sentiment] [--divergence js] [--beta 0.1] ...
+    fdpg eval --task sentiment --model RUN_DIR_OR_MODEL [--n 64]   metrics of a model or a run
     fdpg divergences            list the registered f-divergences
     fdpg tasks                  list the tasks
     fdpg models prepare         dequantise the embedded default model once into the cache
@@ -64,7 +65,20 @@ def build_trainer(config: TrainConfig):
     lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules) \
         if config.lora_r > 0 else None
     policy = Policy.from_pretrained(config.model, lora=lora, trust_remote_code=config.trust_remote_code)
-    return FDPGTrainer(config, policy, spec.target, spec.scorer, spec.prompts, spec.metrics)
+    target = fit_target(spec, policy, config.max_new_tokens, config.fit_samples, config.seed)
+    return FDPGTrainer(config, policy, target, spec.scorer, spec.prompts, spec.metrics)
+
+
+def fit_target(spec, policy, max_new_tokens: int, n: int, seed: int):
+    """The task's target, fitted first on ``n`` base-model samples when the task asks for it."""
+    if getattr(spec, "fit", None) is None:
+        return spec.target
+    from fdpg.evaluation import base_sampler
+
+    print(f"[fdpg] fitting the target on {n} samples of the base model", file=sys.stderr, flush=True)
+    target, report = spec.fit(base_sampler(policy, spec.prompts, max_new_tokens, seed + 1), n)
+    print(report, file=sys.stderr, flush=True)
+    return target
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -78,6 +92,41 @@ def cmd_train(argv: Sequence[str]) -> int:
         print(f"[fdpg] {summary['status']} after {summary['steps_completed']}/{summary['steps']} steps "
               f"in {summary['wall_time_s']:.0f} s; last batch: {scores}; run: {trainer.run_dir}")
     return 0 if summary["status"] == "finished" else 130
+
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    """``fdpg eval --task NAME --model PATH_OR_RUN``: task metrics, KL(pi||a) and Distinct-n of N samples."""
+    from fdpg.evaluation import evaluate_policy, load_run_policy
+    from fdpg.policy import Policy
+    from fdpg.run_log import dumps
+    from tasks import get_task
+
+    parser = argparse.ArgumentParser(prog="fdpg eval", description=cmd_eval.__doc__)
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--model", required=True, help="a run directory, a hub name or a local model path")
+    parser.add_argument("--n", type=int, default=64, help="completions to sample")
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=32)
+    parser.add_argument("--task_args", "--task-args", default="")
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--prompts_file", "--prompts-file", default=None)
+    parser.add_argument("--output", default=None, help="write the JSON result here (default: RUN/eval-TASK.json)")
+    args = parser.parse_args(list(argv))
+    if args.n < 1:
+        raise ValueError(f"--n must be a positive number of samples, got {args.n}")
+    options = TrainConfig(task_args=args.task_args).task_options()
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else None
+    spec = get_task(args.task).build(args.beta, options, prompts)
+    is_run = (Path(args.model) / "config.json").is_file() and (Path(args.model) / "metrics.jsonl").exists()
+    policy = load_run_policy(args.model) if is_run else Policy.from_pretrained(args.model)
+    metrics = evaluate_policy(policy, spec, args.n, args.max_new_tokens, args.seed)
+    result = {"task": args.task, "model": args.model, **metrics}
+    text = dumps(result)
+    print(text)
+    output = args.output or (str(Path(args.model) / f"eval-{args.task}.json") if is_run else None)
+    if output:
+        Path(output).write_text(text + "\n")
+    return 0
 
 
 def cmd_divergences(argv: Sequence[str]) -> int:
@@ -109,7 +158,7 @@ def cmd_models(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "divergences": cmd_divergences, "tasks": cmd_tasks, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "divergences": cmd_divergences, "tasks": cmd_tasks, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

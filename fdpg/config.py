@@ -35,6 +35,8 @@ class TrainConfig:
     prompts_file: str | None = field(default=None, metadata={
         "help": "Text file with one prompt per line, replacing the task's prompts."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    fit_samples: int = field(default=256, metadata={
+        "help": "Base-model samples used to fit the target before training (distributional constraints)."})
 
     # --- policy
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning with a frozen reference copy."})
@@ -100,7 +102,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the setting, its value and the fix."""
         positive = ("steps", "batch_size", "samples_per_prompt", "generation_batch_size", "micro_batch_size",
-                    "max_new_tokens", "save_every", "log_z_window")
+                    "max_new_tokens", "save_every", "log_z_window", "fit_samples")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
