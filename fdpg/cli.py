@@ -158,7 +158,8 @@ def cmd_models(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "divergences": cmd_divergences, "tasks": cmd_tasks, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "divergences": cmd_divergences, "tasks": cmd_tasks,
+            "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
