@@ -106,9 +106,7 @@ def load_embedded_gguf(gguf_path: Path | None = None) -> tuple[PreTrainedModel, 
     gguf_path = gguf_path or find_embedded_gguf()
     directory, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float32, **_dequantize_kwargs()
-    )
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32, **_dequantize_kwargs())
     _strip_quantization(model)
     return model, tokenizer
 
@@ -155,9 +153,7 @@ def prepare_embedded_model(cache_dir: Path | None = None, force: bool = False) -
     if is_prepared(target) and not force:
         return target
     gguf_path = find_embedded_gguf()
-    logger.info(
-        "Preparing the embedded model %s from %s into %s (one-time, ~20 s)", DEFAULT_MODEL, gguf_path, target
-    )
+    logger.info("Preparing the embedded model %s from %s into %s (one-time, ~20 s)", DEFAULT_MODEL, gguf_path, target)
     started = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(target)
@@ -260,8 +256,7 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(path)
     if path.exists():
         raise NotADirectoryError(
-            f"model {name!r} is a file, but a model directory (written by save_pretrained) or a hub name is "
-            "expected."
+            f"model {name!r} is a file, but a model directory (written by save_pretrained) or a hub name is expected."
         )
     if _looks_like_path(name):
         raise FileNotFoundError(

@@ -119,9 +119,7 @@ def test_missing_embedded_package_names_the_install_command(monkeypatch: pytest.
         models.find_embedded_gguf()
 
 
-def test_offline_hub_name_of_embedded_model_uses_embedded_copy(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_offline_hub_name_of_embedded_model_uses_embedded_copy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     prepared = tmp_path / "prepared"
     monkeypatch.setattr(models, "prepare_embedded_model", lambda: prepared)
     monkeypatch.setattr(models, "_in_hf_cache", lambda repo_id: False)
@@ -145,9 +143,7 @@ def _fake_write_prepared(gguf_path: Path, directory: Path) -> None:
     (directory / models.PREPARED_MARKER).write_text("{}")
 
 
-def test_prepare_writes_atomically_and_force_replaces(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_prepare_writes_atomically_and_force_replaces(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(models, "find_embedded_gguf", lambda: tmp_path / "fake.gguf")
     monkeypatch.setattr(models, "_write_prepared", _fake_write_prepared)
     target = tmp_path / "cache" / "model"
