@@ -17,7 +17,9 @@ Korbak et al. 2022):
 from __future__ import annotations
 
 import math
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -100,6 +102,13 @@ class FDPGTrainer:
             log_with=None if config.report_to == "none" else config.report_to.split(","),
         )
         world = self.accelerator.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        # Otherwise each process would train alone, all of them writing the same run directory.
+        if launched > 1 and launched != world:
+            raise ValueError(
+                f"launched as {launched} processes (WORLD_SIZE) but accelerate set up {world}; on a machine "
+                "without GPUs set ACCELERATE_USE_CPU=1 for data parallelism over CPU processes (gloo)"
+            )
         if config.batch_size % world:
             raise ValueError(f"--batch_size ({config.batch_size}) must be divisible by the number of processes "
                              f"({world})")
@@ -371,7 +380,10 @@ class FDPGTrainer:
                                                       "conditional": self.conditional})
         if self.is_main and cfg.report_to != "none":
             self.accelerator.init_trackers("fdpg", config=cfg.to_dict())
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # Signal handlers can only be installed from the main thread; elsewhere the caller handles signals.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if in_main_thread else {}
         status, error = "finished", None
         last: dict[str, Any] = {}
         started = time.perf_counter()

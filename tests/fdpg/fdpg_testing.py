@@ -56,6 +56,7 @@ def build_trainer(model_dir: Path | str, output_dir: Path | str, target=None, sc
     config = train_config(model_dir, output_dir, **overrides)
     lora = (LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
             if config.lora_r > 0 else None)
+    torch.manual_seed(config.seed)  # the LoRA initialisation, as `fdpg train` does
     policy = Policy.from_pretrained(config.model, lora=lora)
     target = target if target is not None else rl_with_kl("reward", config.beta)
     return FDPGTrainer(config, policy, target, scorer, prompts)

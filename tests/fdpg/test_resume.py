@@ -123,10 +123,9 @@ def test_sigterm_finishes_the_step_saves_and_resumes(reference_run, tiny_model_d
     _assert_reproduces(reference_run, run_dir, resumed)
 
 
+@pytest.mark.parametrize("reference_run", [0], indirect=True, ids=["full"])
 def test_logs_after_the_last_checkpoint_are_redone(reference_run, tiny_model_dir: Path, tmp_path: Path) -> None:
     """A run killed after logging step 3 but before checkpointing it resumes from step 2 and logs 3 once."""
-    if reference_run["lora_r"]:
-        pytest.skip("one variant is enough")
     trainer = build_trainer(tiny_model_dir, tmp_path / "run", steps=3, save_every=2)
     trainer.train()
     run_dir = trainer.run_dir
@@ -136,13 +135,12 @@ def test_logs_after_the_last_checkpoint_are_redone(reference_run, tiny_model_dir
     _assert_reproduces(reference_run, run_dir, resumed)
 
 
+@pytest.mark.parametrize("reference_run", [0], indirect=True, ids=["full"])
 def test_failing_task_metrics_leave_a_consistent_checkpoint(
     reference_run, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """The task's metrics function fails in step 3: the checkpoint 'step-2' saved after the failure holds
     the weights after step 2 (not weights already updated by step 3), so resuming reproduces the run."""
-    if reference_run["lora_r"]:
-        pytest.skip("one variant is enough")
     calls = {"n": 0}
 
     def metrics_fn(features):
