@@ -13,6 +13,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import string  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -106,3 +107,13 @@ def tiny_gpt2_dir(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pyt
     torch.manual_seed(TINY_SEED)
     model = GPT2LMHeadModel(config)
     return _save_tiny_model(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: the tiny models gain nothing from more, and on a busy 2-core machine OpenMP
+    spin-waiting makes them up to 100x slower (5 s instead of 50 ms for one generate call)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

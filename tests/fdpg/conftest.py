@@ -7,26 +7,15 @@ This directory is put on ``sys.path`` so that the test modules (and the distribu
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fdpg_testing import build_trainer  # noqa: E402
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: the tiny models gain nothing from more, and on a busy 2-core machine OpenMP
-    spin-waiting makes them up to 100x slower (5 s instead of 50 ms for one generate call)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
