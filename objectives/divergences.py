@@ -265,8 +265,8 @@ class Alpha(Divergence):
     :math:`f'_\alpha(t) = \frac{t^{\alpha-1} - 1}{\alpha - 1}`, :math:`f'(\infty) = 1/(1-\alpha)` for
     :math:`\alpha < 1`, :math:`\infty` otherwise. The limit :math:`\alpha \to 1` is
     :math:`t\log t - t + 1` (reverse KL) and :math:`\alpha \to 0` is :math:`-\log t + t - 1` (forward KL);
-    the linear terms do not change :math:`D_f` since :math:`E_p[t - 1] = 0`. :math:`\alpha = 1/2` is
-    four times the squared Hellinger distance.
+    the linear terms do not change :math:`D_f` since :math:`E_p[t - 1] = 0`. :math:`\alpha = 1/2` gives
+    :math:`2(\sqrt t - 1)^2`, twice :class:`SquaredHellinger` (four times :math:`\tfrac12\sum(\sqrt\pi - \sqrt p)^2`).
     """
 
     def __init__(self, alpha: float) -> None:

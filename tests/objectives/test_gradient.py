@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from scipy.stats import chi2
+from scipy.stats import f as f_distribution
 from toy_model import ToyAutoregressive, ToyProblem, exact_moment, make_problem
 
 from objectives import (
@@ -50,19 +51,22 @@ def hotelling(grads: torch.Tensor, exact: torch.Tensor) -> tuple[float, int, flo
     """Hotelling's T^2 test that the mean of the rows of ``grads`` [K, d] equals ``exact``.
 
     The gradient of a softmax row sums to zero, so the covariance is singular: the test works in the
-    span of its eigenvectors with non-negligible eigenvalues (T^2 ~ chi^2 with ``rank`` degrees of
-    freedom for K >> d) and the component of the difference outside that span must vanish.
+    span of its eigenvectors with non-negligible eigenvalues (``rank`` of them) and the component of
+    the difference outside that span must vanish. Under the null, (K - r) T^2 / ((K - 1) r) follows
+    the F distribution with (r, K - r) degrees of freedom (r = rank; close to chi^2_r / r for K >> r).
     """
     k = grads.shape[0]
     diff = grads.mean(0) - exact
     evals, evecs = torch.linalg.eigh(torch.cov(grads.T))
     keep = evals > evals.max() * 1e-10
     null_part = float((evecs[:, ~keep].T @ diff).norm())
-    assert null_part <= 1e-8 * float(exact.norm()) + 1e-12, f"difference outside the gradient span: {null_part}"
+    assert null_part <= 1e-8 * float(exact.norm()) + 1e-12, (
+        f"difference outside the gradient span: {null_part}"
+    )
     proj = evecs[:, keep].T @ diff
     t2 = k * float((proj**2 / evals[keep]).sum())
     rank = int(keep.sum())
-    return t2, rank, float(chi2.sf(t2, rank))
+    return t2, rank, float(f_distribution.sf(t2 * (k - rank) / ((k - 1) * rank), rank, k - rank))
 
 
 def batch_gradient(
@@ -100,8 +104,10 @@ def sampled_gradients(
     gen = torch.Generator().manual_seed(seed)
     sampler = problem.policy if proposal is None else proposal
     log_z = problem.log_Z if log_z is None else log_z
-    rows = [batch_gradient(problem, div, sampler.sample(batch, gen), log_z, proposal, **kwargs)
-            for _ in range(n_batches)]
+    rows = [
+        batch_gradient(problem, div, sampler.sample(batch, gen), log_z, proposal, **kwargs)
+        for _ in range(n_batches)
+    ]
     return torch.stack(rows)
 
 
@@ -158,7 +164,9 @@ def test_sampled_gradient_is_unbiased_with_estimated_z(kind: str, name: str) -> 
     assert p_value > P_VALUE_FLOOR, f"{kind}/{name}: T^2 = {t2:.1f} on {rank} dof (p = {p_value:.2g})"
 
 
-@pytest.mark.parametrize(("kind", "name"), [c for c in CASES if c[1] in ("rkl", "fkl", "tv", "js", "user_js")])
+@pytest.mark.parametrize(
+    ("kind", "name"), [c for c in CASES if c[1] in ("rkl", "fkl", "tv", "js", "user_js")]
+)
 def test_off_policy_gradient_is_unbiased_with_importance_weights(kind: str, name: str) -> None:
     problem = make_problem(kind)
     div = divergence(name)
@@ -176,7 +184,9 @@ def test_the_unbiasedness_test_rejects_biased_estimators(rl_problem: ToyProblem,
     exact = rl_problem.exact_gradient(div)
     mean_baseline = sampled_gradients(rl_problem, div, n_batches=2000, batch=4, baseline="mean")
     assert hotelling(mean_baseline, exact)[2] < 1e-6
-    unweighted = sampled_gradients(rl_problem, div, proposal=ToyAutoregressive(seed=3, scale=0.5), weighted=False)
+    unweighted = sampled_gradients(
+        rl_problem, div, proposal=ToyAutoregressive(seed=3, scale=0.5), weighted=False
+    )
     assert hotelling(unweighted, exact)[2] < 1e-6
     loo = sampled_gradients(rl_problem, div, n_batches=2000, batch=4, baseline="loo")
     assert hotelling(loo, exact)[2] > P_VALUE_FLOOR
@@ -229,7 +239,9 @@ def test_sampled_training_reaches_one_percent_of_the_start(kind: str, name: str)
     div = divergence(name)
     start, end = train(problem, div)
     assert start > 0.1
-    assert -1e-12 < end < 0.01 * start, f"{kind}/{name}: D_f went from {start:.4f} to {end:.4g} ({end / start:.2%})"
+    assert -1e-12 < end < 0.01 * start, (
+        f"{kind}/{name}: D_f went from {start:.4f} to {end:.4g} ({end / start:.2%})"
+    )
 
 
 @pytest.mark.parametrize("name", ["rkl", "chi2"])

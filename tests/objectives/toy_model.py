@@ -161,10 +161,11 @@ def make_problem(
     moment: float = 0.5,
     policy_scale: float = 0.5,
 ) -> ToyProblem:
-    """A toy problem of ``kind`` ``"rl"`` (a exp(r/beta)), ``"binary"`` (a b) or ``"expfam"`` (a exp(lam phi)).
+    """A toy problem of ``kind`` ``"rl"`` (P = a exp(r/beta)), ``"binary"`` (P = a b) or ``"expfam"``.
 
-    The reward is a fixed random N(0, 1) per sequence; ``b`` is 0 where the first and last tokens
-    agree; ``phi`` = "contains token 0" with ``lam`` fitted exactly so that ``E_p[phi] = moment``.
+    ``"expfam"`` is P = a exp(lam phi). The reward is a fixed random N(0, 1) per sequence; ``b`` is 0
+    where the first and last tokens agree; ``phi`` = "contains token 0", with ``lam`` fitted exactly
+    so that ``E_p[phi] = moment``.
     """
     policy = ToyAutoregressive(vocab, length, seed=policy_seed, scale=policy_scale)
     base = base_model(vocab, length, seed=base_seed)
