@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import difflib
 
-from tasks.base import MissingDependencyError, Task, TaskSpec
+from tasks.base import MissingDependencyError, TargetFit, Task, TaskSpec
+from tasks.codegen import CodeTask
+from tasks.gender import GenderTask
+from tasks.lexical import LexicalTask
+from tasks.professions import ProfessionsTask
 from tasks.sentiment import SentimentTask
+from tasks.toxicity import ToxicityTask
 
 _TASKS: dict[str, type[Task]] = {}
 
@@ -36,6 +41,7 @@ def available_tasks() -> dict[str, str]:
     return {name: _TASKS[name].description for name in sorted(_TASKS)}
 
 
-register_task(SentimentTask)
+for _task in (SentimentTask, LexicalTask, GenderTask, ProfessionsTask, CodeTask, ToxicityTask):
+    register_task(_task)
 
-__all__ = ["MissingDependencyError", "Task", "TaskSpec", "available_tasks", "get_task", "register_task"]
+__all__ = ["MissingDependencyError", "TargetFit", "Task", "TaskSpec", "available_tasks", "get_task", "register_task"]

@@ -1,15 +1,23 @@
-"""What a task is: prompts + scorers + the target they define + the task's own metrics.
+r"""What a task is: prompts + scorers + the target they define + the task's own metrics.
 
 A task module defines one :class:`Task` subclass and registers it with :func:`tasks.register_task`.
 The engine sees only what :meth:`Task.build` returns: a :class:`TaskSpec` holding the prompt pool,
 a scorer ``(completions, prompts) -> {feature: values}``, the target :math:`P` and a metrics function.
+
+Distributional constraints (``gender``, ``professions``) need :math:`\lambda` fitted on samples of the
+base model :math:`a` before training, and :meth:`Task.build` has no model. Such a spec carries a
+``fit`` hook: the engine calls :meth:`TaskSpec.fitted` with a :data:`SampleFn` drawing ``n`` base
+samples, and trains toward the returned spec's target (see :mod:`tasks.constraints`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +26,9 @@ from objectives import Target
 
 Scorer = Callable[[list[str], list[str]], Mapping[str, Any]]
 MetricsFn = Callable[[Mapping[str, torch.Tensor]], Mapping[str, float]]
+#: ``sample_fn(n) -> (completions, prompts)``: ``n`` samples of the base model :math:`a`, prompts drawn
+#: from the task's pool as in training, completions as long as in training (``--max_new_tokens``).
+SampleFn = Callable[[int], tuple[list[str], list[str]]]
 
 
 class MissingDependencyError(ImportError):
@@ -33,9 +44,35 @@ def require(module: str, install: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class TargetFit:
+    r"""What a task's ``fit`` hook returns: the fitted target and a report of the fit.
+
+    Attributes:
+        target: the target to train toward (e.g. :math:`a\,e^{\lambda\cdot\phi}` with fitted :math:`\lambda`).
+        report: human-readable lines for the console.
+        details: JSON-serialisable record for the run directory (lambdas, target and achieved moments, ESS, n).
+    """
+
+    target: Target
+    report: str
+    details: dict[str, Any]
+
+
 @dataclass
 class TaskSpec:
-    """Everything the trainer needs from a task."""
+    r"""Everything the trainer needs from a task.
+
+    Attributes:
+        prompts: the prompt pool (``None``: unconditional generation).
+        scorer: ``(completions, prompts) -> {feature: one number per completion}``; may return more features
+            than the target reads (metric-only features).
+        target: the unnormalised target :math:`P`. When ``fit`` is set this is a placeholder with
+            :math:`\lambda = 0` (i.e. :math:`P = a`) until :meth:`fitted` replaces it.
+        metrics: ``features -> {"score/<name>": value}``, the task's alignment metrics of a batch.
+        fit: ``fit(sample_fn) -> TargetFit``, to be called once before training (see :meth:`fitted`).
+        fit_samples: how many base samples ``fit`` wants (``--task_args fit_samples=N``).
+    """
 
     prompts: list[str] | None
     scorer: Scorer
@@ -43,6 +80,19 @@ class TaskSpec:
     metrics: MetricsFn
     defaults: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    fit: Callable[[SampleFn], TargetFit] | None = None
+    fit_samples: int = 0
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.fit is not None
+
+    def fitted(self, sample_fn: SampleFn) -> tuple[TaskSpec, TargetFit]:
+        """Run the ``fit`` hook on base samples; return a spec whose target is the fitted one (and no hook)."""
+        if self.fit is None:
+            raise ValueError("this task has no fit hook (its target needs no fitting)")
+        result = self.fit(sample_fn)
+        return dataclasses.replace(self, target=result.target, fit=None), result
 
 
 class Task:
@@ -52,10 +102,51 @@ class Task:
     description: ClassVar[str] = ""
     #: Suggested settings (divergence, beta, max_new_tokens, ...) shown by ``fdpg tasks``.
     defaults: ClassVar[dict[str, Any]] = {}
+    #: ``--task_args`` the task accepts, with their defaults (see :func:`parse_options`).
+    options: ClassVar[dict[str, Any]] = {}
 
     def build(self, beta: float, options: Mapping[str, str], prompts: Sequence[str] | None = None) -> TaskSpec:
         """Build the task; ``prompts`` (user-supplied) replace the task's own when given."""
         raise NotImplementedError
+
+
+def fdpg_cache_root() -> Path:
+    """The fdpg cache directory: ``$FDPG_CACHE``, or ``~/.cache/fdpg``."""
+    return Path(os.environ.get("FDPG_CACHE") or "~/.cache/fdpg").expanduser()
+
+
+def parse_options(task: str, options: Mapping[str, str], allowed: Mapping[str, Any]) -> dict[str, Any]:
+    """``--task_args`` of task ``task`` converted to the types of the defaults in ``allowed``.
+
+    Unknown keys and values that do not convert raise ``ValueError`` naming the option and the choices.
+    """
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        known = ", ".join(f"{k}={v}" for k, v in allowed.items()) or "none"
+        raise ValueError(f"task {task!r} got unknown --task_args {unknown}; it takes: {known}")
+    out = dict(allowed)
+    for key, raw in options.items():
+        default = allowed[key]
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(raw)
+                out[key] = raw.lower() in ("1", "true", "yes")
+            elif isinstance(default, int):
+                out[key] = int(raw)
+            elif isinstance(default, float):
+                out[key] = float(raw)
+            else:
+                out[key] = raw
+        except ValueError:
+            raise ValueError(f"task {task!r}: --task_args {key}={raw!r} is not a valid "
+                             f"{type(default).__name__}") from None
+    return out
+
+
+def features_to_tensors(raw: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Scorer output as float64 tensors of shape ``[n]``."""
+    return {k: torch.as_tensor(v, dtype=torch.float64).reshape(-1) for k, v in raw.items()}
 
 
 def mean_metric(name: str, feature: str) -> MetricsFn:

@@ -32,7 +32,10 @@ def test_three_steps_on_the_default_model(tmp_path) -> None:
     for m in lines:
         assert -1.0 <= m["score/reward"] <= 1.0
         assert math.isfinite(m["log_z"]) and m["log_z_ess"] > 0
-    assert lines[-1]["kl_pi_a"] > 0  # the adapter moved the policy away from the base model
-    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert lora_b and any(float(t.abs().max()) > 0 for t in lora_b)  # LoRA B starts at 0: the updates moved it
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "finished"
