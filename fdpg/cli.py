@@ -4,6 +4,7 @@
 
     fdpg train [--config FILE.yaml] [--task sentiment] [--divergence js] [--beta 0.1] ...
     fdpg eval --task sentiment --model RUN_DIR_OR_MODEL [--n 64]   metrics of a model or a run
+    fdpg analyze runs/* --out report                               Pareto frontier and plots of runs
     fdpg divergences            list the registered f-divergences
     fdpg tasks                  list the tasks
     fdpg models prepare         dequantise the embedded default model once into the cache
@@ -129,6 +130,36 @@ def cmd_eval(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_analyze(argv: Sequence[str]) -> int:
+    """``fdpg analyze RUN [RUN ...] --out DIR``: final points, Pareto frontier and plots of logged runs."""
+    from analysis import final_points, load_runs, pareto_frontier, plot_pareto, plot_training_curves
+
+    parser = argparse.ArgumentParser(prog="fdpg analyze", description=cmd_analyze.__doc__)
+    parser.add_argument("runs", nargs="+", help="run directories, directories of runs, or glob patterns")
+    parser.add_argument("--out", default="analysis-report", help="where to write points.csv and the plots")
+    parser.add_argument("--x", default="kl_pi_a", help="divergence axis (default: KL(pi||a))")
+    parser.add_argument("--y", default="score/reward", help="alignment-score axis")
+    parser.add_argument("--hue", default="divergence")
+    parser.add_argument("--last", type=int, default=5, help="steps averaged into each run's point")
+    args = parser.parse_args(list(argv))
+    import pandas as pd
+
+    metrics = pd.concat([load_runs(p) for p in args.runs], ignore_index=True).drop_duplicates(["run", "step"])
+    points = final_points(metrics, last=args.last)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    points.to_csv(out / "points.csv", index=False)
+    y = args.y if args.y in points else next((c for c in points if c.startswith("score/")), args.y)
+    plot_pareto(points, x=args.x, y=y, hue=args.hue, path=out / "pareto.png")
+    plot_training_curves(metrics, columns=(y, args.x, "d_f"), path=out / "curves.png")
+    front = pareto_frontier(points, x=args.x, y=y)
+    shown = ["run", *[c for c in (args.hue, "beta", "final_step", args.x, y) if c in points]]
+    print(points[shown].to_string(index=False))
+    print(f"\nPareto frontier ({args.x} low, {y} high): {', '.join(front['run'])}")
+    print(f"wrote {out / 'points.csv'}, {out / 'pareto.png'}, {out / 'curves.png'}")
+    return 0
+
+
 def cmd_divergences(argv: Sequence[str]) -> int:
     from objectives import describe_divergences
 
@@ -158,8 +189,8 @@ def cmd_models(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "divergences": cmd_divergences, "tasks": cmd_tasks,
-            "models": cmd_models}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "divergences": cmd_divergences,
+            "tasks": cmd_tasks, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

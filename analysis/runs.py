@@ -1,0 +1,76 @@
+"""Reading run directories (``config.json``, ``metrics.jsonl``, ``samples.jsonl``) into pandas."""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+#: Settings copied from ``config.json`` onto every metrics row (the usual grouping variables).
+SETTING_COLUMNS = ("task", "divergence", "beta", "model", "lora_r", "learning_rate", "batch_size", "seed")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if number == len(lines):  # a torn last line of a killed run: keep what is whole
+                    break
+                raise ValueError(f"{path}:{number} is not valid JSON: {exc}") from exc
+    return rows
+
+
+def run_config(run_dir: str | Path) -> dict:
+    """The ``config`` section of a run's ``config.json``."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    return json.loads(path.read_text())["config"]
+
+
+def load_run(run_dir: str | Path) -> pd.DataFrame:
+    """One row per logged step: every metric, plus ``run`` (the directory name) and the main settings."""
+    run_dir = Path(run_dir)
+    config = run_config(run_dir)
+    frame = pd.DataFrame(_read_jsonl(run_dir / "metrics.jsonl"))
+    frame.insert(0, "run", run_dir.name)
+    for key in SETTING_COLUMNS:
+        frame[key] = config.get(key)
+    return frame
+
+
+def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """Metrics of several runs (a glob pattern, a directory holding runs, or a list of run directories)."""
+    if isinstance(paths, (str, Path)):
+        text = str(paths)
+        if any(ch in text for ch in "*?["):
+            candidates = [Path(p) for p in sorted(glob.glob(text))]
+        elif (Path(text) / "config.json").is_file():
+            candidates = [Path(text)]
+        else:
+            candidates = sorted(p for p in Path(text).iterdir() if p.is_dir())
+    else:
+        candidates = [Path(p) for p in paths]
+    runs = [p for p in candidates if (p / "config.json").is_file()]
+    if not runs:
+        raise FileNotFoundError(f"no run directory (with config.json) found in {paths!r}")
+    return pd.concat([load_run(p) for p in runs], ignore_index=True)
+
+
+def load_samples(run_dir: str | Path) -> pd.DataFrame:
+    """One row per logged sample; the per-feature scores become ``score/<name>`` columns."""
+    rows = _read_jsonl(Path(run_dir) / "samples.jsonl")
+    frame = pd.DataFrame(rows)
+    if "scores" in frame:
+        scores = pd.json_normalize(frame.pop("scores").tolist()).add_prefix("score/")
+        frame = pd.concat([frame, scores], axis=1)
+    return frame
