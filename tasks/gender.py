@@ -1,0 +1,105 @@
+r"""``gender``: a distributional constraint, :math:`P(x\mid c) = a(x\mid c)\,e^{\lambda\phi(x)}`, :math:`E_p[\phi]=0.5`.
+
+The GDC experiment of Khalifa et al. (2021): the base model writes short biographies, mostly of men;
+the target keeps the base model as close as possible (the information projection) while half of the
+biographies are about women.
+
+Prompts
+    ``TEMPLATES`` x ``ROLES``: "Here is a short biography of a scientist:" and similar, 16 prompts.
+
+Feature :math:`\phi` (``female``)
+    1 when the completion's female words outnumber its male words, else 0 (ties, including texts with
+    no gendered word, count 0). Words are whole lowercase tokens (:func:`tasks.constraints.words`) from
+    ``FEMALE_WORDS`` / ``MALE_WORDS``: pronouns (she/her/hers/herself vs he/him/his/himself), titles
+    (mrs/ms/madam vs mr/sir; "miss" is left out, it is mostly a verb), family and role nouns
+    (mother/daughter/wife/actress/... vs father/son/husband/actor/...). Only the completion is read.
+
+Target and :math:`\lambda`
+    :math:`\lambda` is fitted *before* training on ``fit_samples`` base samples through the spec's
+    ``fit`` hook (:func:`tasks.constraints.moment_fit_hook`): per-prompt normalisers, so that the
+    prompt-averaged :math:`E_{p(\cdot\mid c)}[\phi]` equals ``moment``. Until then the spec's target has
+    :math:`\lambda = 0`. The fit fails with :class:`~objectives.UnreachableMomentError` when no base
+    sample is about a woman (e.g. a random model): draw more samples.
+
+Options (``--task_args``): ``moment=0.5``, ``fit_samples=256``, ``conditional=true`` (false: one
+normaliser over all prompts).
+Metrics: ``score/female_fraction`` (:math:`E_\pi[\phi]`, to be compared with ``moment``) and
+``score/female_fraction_error`` (the difference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from objectives import exponential_family
+from tasks.base import Task, TaskSpec, parse_options
+from tasks.constraints import moment_fit_hook, words
+
+TEMPLATES = ("Here is a short biography of a {role}:\n", "Write a short biography of a {role}.\n")
+ROLES = ("scientist", "writer", "doctor", "politician", "engineer", "musician", "teacher", "lawyer")
+DEFAULT_PROMPTS = [t.format(role=r) for t in TEMPLATES for r in ROLES]
+
+FEMALE_WORDS = frozenset("""
+she her hers herself woman women girl girls lady ladies female females feminine
+mother mothers daughter daughters sister sisters wife wives aunt aunts niece nieces grandmother grandmothers
+granddaughter granddaughters mom mum mommy girlfriend bride widow stepmother
+mrs ms madam madame dame queen princess duchess empress countess baroness nun
+actress actresses waitress heroine hostess businesswoman businesswomen chairwoman spokeswoman congresswoman
+sportswoman stateswoman horsewoman policewoman maternal motherhood sisterhood
+""".split())
+MALE_WORDS = frozenset("""
+he him his himself man men boy boys gentleman gentlemen male males masculine
+father fathers son sons brother brothers husband husbands uncle uncles nephew nephews grandfather grandfathers
+grandson grandsons dad daddy boyfriend groom widower stepfather
+mr sir lord king prince duke emperor baron monk
+actor actors waiter hero businessman businessmen chairman spokesman congressman
+sportsman statesman horseman policeman paternal fatherhood brotherhood
+""".split())
+
+
+def gender_counts(text: str) -> tuple[int, int]:
+    """(female words, male words) in ``text``."""
+    tokens = words(text)
+    return sum(t in FEMALE_WORDS for t in tokens), sum(t in MALE_WORDS for t in tokens)
+
+
+def is_female(text: str) -> float:
+    r""":math:`\phi` = 1.0 when female words outnumber male words in ``text``, else 0.0."""
+    female, male = gender_counts(text)
+    return float(female > male)
+
+
+def gender_scorer(completions: list[str], prompts: list[str]) -> dict[str, torch.Tensor]:
+    return {"female": torch.tensor([is_female(t) for t in completions], dtype=torch.float64)}
+
+
+class GenderTask(Task):
+    name = "gender"
+    description = "biographies, half about women: P = a * exp(lambda * female), lambda fitted so E_p[female] = 0.5"
+    defaults = {"divergence": "fkl", "max_new_tokens": 48}
+    options = {"moment": 0.5, "fit_samples": 256, "conditional": True}
+
+    def build(self, beta: float, options: Mapping[str, str], prompts: Sequence[str] | None = None) -> TaskSpec:
+        opts = parse_options(self.name, options, self.options)
+        if not 0 < opts["moment"] < 1:
+            raise ValueError(f"task 'gender': moment must be in (0, 1), got {opts['moment']}")
+        if opts["fit_samples"] < 2:
+            raise ValueError(f"task 'gender': fit_samples must be at least 2, got {opts['fit_samples']}")
+        moment, conditional = opts["moment"], opts["conditional"]
+
+        def metrics(features: Mapping[str, torch.Tensor]) -> dict[str, float]:
+            rate = float(features["female"].double().mean())
+            return {"score/female_fraction": rate, "score/female_fraction_error": rate - moment}
+
+        return TaskSpec(
+            prompts=list(prompts) if prompts else list(DEFAULT_PROMPTS),
+            scorer=gender_scorer,
+            target=exponential_family(["female"]).as_conditional(conditional),
+            metrics=metrics,
+            defaults=dict(self.defaults),
+            notes=[f"lambda is fitted on {opts['fit_samples']} base samples before training (E_p[female] = {moment})"],
+            fit=moment_fit_hook(gender_scorer, {"female": moment}, opts["fit_samples"], conditional, self.name),
+            fit_samples=opts["fit_samples"],
+        )

@@ -1,0 +1,96 @@
+"""``gender``: the word-list detector, the lambda fit hook, and a 2-step run toward the fitted target."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from objectives import ExponentialFamily, UnreachableMomentError
+from tasks import get_task
+from tasks.constraints import restore_fit
+from tasks.gender import gender_counts, is_female
+
+SHE = "She was born in Lyon. Her mother was a teacher, and she studied physics."
+HE = "He was born in Ohio. His father was a farmer; he became a lawyer."
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (SHE, 1.0),
+    (HE, 0.0),
+    ("Mrs. Smith founded the company with her sister.", 1.0),
+    ("Mr. Smith and his wife moved to Paris.", 0.0),  # 2 male words (mr, his) vs 1 female (wife)
+    ("The actress and the actor met.", 0.0),  # tie: 1 vs 1
+    ("The committee published a report in 1999.", 0.0),  # no gendered word
+    ("This history of Shell is thorough.", 0.0),  # whole words only: history, shell are not his, she
+    ("SHE'S A QUEEN.", 1.0),
+])
+def test_detector(text: str, expected: float) -> None:
+    assert is_female(text) == expected
+
+
+def test_counts() -> None:
+    assert gender_counts(SHE) == (4, 0)  # she, her, mother, she
+    assert gender_counts(HE) == (0, 4)  # he, his, father, he
+
+
+def _fixed_sampler(texts: list[str], prompts: list[str]):
+    calls = []
+
+    def sample(n: int):
+        calls.append(n)
+        return [texts[i % len(texts)] for i in range(n)], [prompts[i % len(prompts)] for i in range(n)]
+
+    return sample, calls
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_fit_hook_reaches_the_moment(conditional: bool) -> None:
+    spec = get_task("gender").build(0.1, {"moment": "0.5", "fit_samples": "40",
+                                          "conditional": str(conditional).lower()})
+    assert spec.needs_fit and spec.fit_samples == 40 and spec.target.conditional is conditional
+    # placeholder before the fit: lambda = 0, i.e. P = a
+    assert spec.target.energies[0].lambdas == {"female": 0.0}
+    prompts = spec.prompts[:2]
+    texts = [SHE, HE, HE, HE, HE]  # base rate 1/5 in each prompt's samples
+    sample, calls = _fixed_sampler(texts, prompts)
+    fitted, fit = spec.fitted(sample)
+    assert calls == [40]
+    lam = fit.details["lambdas"]["female"]
+    assert lam == pytest.approx(math.log(4), abs=1e-5)  # 1/5 -> 1/2 needs odds x4
+    assert fit.details["base_moments"]["female"] == pytest.approx(0.2)
+    assert fit.details["achieved_moments"]["female"] == pytest.approx(0.5, abs=1e-6)
+    assert "female" in fit.report and "lambda" in fit.report
+    energy = fitted.target.energies[0]
+    assert isinstance(energy, ExponentialFamily) and energy.lambdas["female"] == pytest.approx(lam)
+    assert fitted.target.conditional is conditional and not fitted.needs_fit
+    restored = restore_fit(spec, json.loads(json.dumps(fit.details)))  # e.g. from the run directory on resume
+    assert restored.target == fitted.target and not restored.needs_fit
+
+
+def test_fit_hook_unreachable_on_texts_without_women() -> None:
+    spec = get_task("gender").build(0.1, {"fit_samples": "8"})
+    sample, _ = _fixed_sampler(["zq xv", HE], spec.prompts)
+    with pytest.raises(UnreachableMomentError, match="base-model rates"):
+        spec.fitted(sample)
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="moment must be in"):
+        get_task("gender").build(0.1, {"moment": "1.5"})
+    with pytest.raises(ValueError, match="not a valid float"):
+        get_task("gender").build(0.1, {"moment": "half"})
+
+
+def test_two_steps_toward_the_fitted_target(smoke_run) -> None:
+    """Random tiny-model text has no gendered words: fit on fixed texts, then train toward that target."""
+    spec = get_task("gender").build(0.1, {"fit_samples": "20"}, ["bio:", "she"])
+    sample, _ = _fixed_sampler([SHE, HE, HE], spec.prompts)
+    fitted, _ = spec.fitted(sample)
+    metrics = smoke_run(fitted, divergence="fkl")
+    assert all(m["score/female_fraction"] == pytest.approx(0.5 + m["score/female_fraction_error"])
+               for m in metrics)
+    log_p = fitted.target.log_P(torch.zeros(2), {"female": torch.tensor([1.0, 0.0])})
+    assert log_p[0] > log_p[1]
