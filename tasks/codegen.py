@@ -13,17 +13,22 @@ Prompts
             """First paragraph of the docstring."""
 
     (the arguments as ``ast.unparse`` writes them, with annotations and defaults; a multi-line
-    paragraph keeps its lines, closing quotes on their own line). ``n_prompts`` of them (default 300)
-    are drawn with ``random.Random(seed)`` from the candidates sorted by file and line, so the pool is
-    fixed for a given Python version (the stdlib differs between versions). The candidates are parsed
-    once and cached in ``$FDPG_CACHE/code_prompts/``.
+    paragraph keeps its lines, closing quotes on their own line), followed by the body's indentation,
+    four spaces (``indent=false`` ends the prompt at the newline). Without the indentation the
+    embedded SmolLM2-135M mostly takes the docstring for the whole function and goes on with prose or
+    a Markdown fence at column 0 (0 of 64 samples compiled with a body); with it, 9 of 64 did.
+    ``n_prompts`` of them (default 300) are drawn with ``random.Random(seed)`` from the candidates
+    sorted by file and line, so the pool is fixed for a given Python version (the stdlib differs
+    between versions). The candidates are parsed once and cached in ``$FDPG_CACHE/code_prompts/``.
 
 Feature :math:`b` (``b``)
-    The completion is cut at its first line that starts at column 0 (a non-blank line with no
-    indentation: the function has ended), then ``compile(prompt + body, ..., "exec")`` must succeed
-    and the body must hold at least one statement line (not blank, not a comment) besides the prompt's
-    docstring: the prompt alone compiles, and without this rule stopping at once would satisfy
-    :math:`b` (``allow_empty=true`` drops the rule).
+    The body is the prompt's unfinished last line (its indentation) followed by the completion, cut
+    before its first non-blank line that starts at column 0 (the function has ended). Then
+    ``compile(prompt + body, ..., "exec")`` must succeed, and the body must hold a statement line
+    (not blank, not a comment): the prompt alone compiles (its docstring is a body), so without this
+    rule stopping at once would satisfy :math:`b` (``allow_empty=true`` drops the rule). A completion
+    cut by ``--max_new_tokens`` in the middle of a statement does not compile: the constraint asks for
+    functions that end within the budget.
 
 Feature ``pep8`` (metric-only by default)
     PEP 8 violations per line of the cut body, counted by ``pycodestyle`` with its default settings
@@ -32,7 +37,7 @@ Feature ``pep8`` (metric-only by default)
     0 for an empty body. With ``style=W > 0`` it also enters the target as
     :math:`e^{-W\cdot\mathrm{pep8}}` (an exponential-family factor: fewer violations preferred).
 
-Options: ``n_prompts=300``, ``seed=0``, ``style=0.0``, ``allow_empty=false``.
+Options: ``n_prompts=300``, ``seed=0``, ``style=0.0``, ``allow_empty=false``, ``indent=true``.
 Metrics: ``score/compile_rate`` (:math:`E_\pi[b]`) and ``score/pep8_per_line`` (mean over samples).
 '''
 
@@ -58,6 +63,7 @@ from tasks.base import Task, TaskSpec, fdpg_cache_root, parse_options, require
 SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip",
                           "turtledemo", "__pycache__", "pydoc_data", "encodings", "__phello__"})
 MIN_DOC, MAX_DOC = 10, 300
+BODY_INDENT = "    "
 PROMPTS_VERSION = 1  # bump when the prompt format changes (invalidates the cached candidates)
 
 
@@ -159,15 +165,25 @@ def _has_statement(body: str) -> bool:
     return any(line.strip() and not line.strip().startswith("#") for line in body.split("\n"))
 
 
+def split_source(prompt: str, completion: str) -> tuple[str, str]:
+    """(the prompt's complete lines, the cut body): a prompt's unfinished last line (e.g. the body's
+    indentation) starts the body's first line; a first line left blank loses that indentation (which
+    the model did not write: no PEP 8 W293 for it)."""
+    head = prompt[:prompt.rfind("\n") + 1]
+    body = function_body(prompt[len(head):] + completion)
+    first, newline, rest = body.partition("\n")
+    return head, (newline + rest if not first.strip() else body)
+
+
 def compiles(prompt: str, completion: str, allow_empty: bool = False) -> bool:
     """:math:`b`: ``prompt`` + the cut body compiles (and the body has a statement unless ``allow_empty``)."""
-    body = function_body(completion)
+    head, body = split_source(prompt, completion)
     if not allow_empty and not _has_statement(body):
         return False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # SyntaxWarning (invalid escapes, "is" with a literal): still compiles
-            compile(prompt + body + "\n", "<completion>", "exec")
+            compile(head + body + "\n", "<completion>", "exec")
     except (SyntaxError, ValueError, MemoryError, RecursionError, OverflowError):
         return False
     return True
@@ -208,12 +224,11 @@ def pep8_violations(source: str, first_line: int = 1) -> int:
 
 def pep8_per_line(prompt: str, completion: str) -> float:
     """PEP 8 violations per line of the cut body (0.0 for an empty body)."""
-    body = function_body(completion).rstrip()
+    head, body = split_source(prompt, completion)
+    body = body.rstrip()
     if not body.strip():
         return 0.0
-    body_lines = body.split("\n")
-    first = prompt.count("\n") + 1
-    return pep8_violations(prompt + body + "\n", first_line=first) / len(body_lines)
+    return pep8_violations(head + body + "\n", first_line=head.count("\n") + 1) / len(body.split("\n"))
 
 
 def code_metrics(features: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -228,7 +243,7 @@ class CodeTask(Task):
     description = ("compilable Python from stdlib signatures+docstrings: P(x|c) = a * b(x,c), b = compiles "
                    "(one Z per prompt); PEP 8 violations per line reported")
     defaults = {"divergence": "fkl", "max_new_tokens": 64}
-    options = {"n_prompts": 300, "seed": 0, "style": 0.0, "allow_empty": False}
+    options = {"n_prompts": 300, "seed": 0, "style": 0.0, "allow_empty": False, "indent": True}
 
     def build(self, beta: float, options: Mapping[str, str], prompts: Sequence[str] | None = None) -> TaskSpec:
         opts = parse_options(self.name, options, self.options)
@@ -238,6 +253,8 @@ class CodeTask(Task):
         if opts["style"] < 0:
             raise ValueError(f"task 'code': style must be >= 0 (0 = PEP 8 only reported), got {opts['style']}")
         pool = list(prompts) if prompts else stdlib_prompts(opts["n_prompts"], opts["seed"])
+        if opts["indent"] and not prompts:
+            pool = [p + BODY_INDENT for p in pool]
         allow_empty = opts["allow_empty"]
 
         def scorer(completions: list[str], prompts: list[str]) -> dict[str, torch.Tensor]:

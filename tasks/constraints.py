@@ -189,12 +189,25 @@ def moment_fit_hook(
             result = fit_moments(phi, moments, groups=list(prompts) if conditional else None)
         except UnreachableMomentError as exc:
             rates = ", ".join(f"{k}={v:.3f}" for k, v in base.items())
-            raise UnreachableMomentError(f"task {name!r}: {exc}\n(base-model rates on these samples: {rates})") from exc
+            raise UnreachableMomentError(
+                f"task {name!r}: {exc}\n(base-model rates on these samples: {rates}; with per-prompt normalisers a "
+                "prompt whose samples all have the same feature value cannot move: more samples per prompt help)"
+            ) from exc
         lines = [f"[fdpg] task {name}: lambda fitted on {len(completions)} base samples "
                  f"({'per-prompt normalised' if conditional else 'one normaliser'})",
                  *(f"  {k}: base rate {base[k]:.4f} -> target {moments[k]:.4f}, lambda = {result.lambdas[k]:+.4f}, "
                    f"achieved on the samples {result.achieved_moments[k]:.4f}" for k in moments),
                  f"  effective sample size {result.ess:.1f} of {result.n}"]
+        if conditional:
+            for k in moments:
+                values: dict[str, set[float]] = {}
+                for prompt, v in zip(prompts, phi[k].tolist()):
+                    values.setdefault(prompt, set()).add(v)
+                stuck = sum(len(v) == 1 for v in values.values())
+                if stuck:
+                    lines.append(f"  warning: {k} is constant on the samples of {stuck} of {len(values)} prompts: "
+                                 "their moments cannot move in the fit, which biases lambda; draw more samples "
+                                 "(--task_args fit_samples=N)")
         if result.ess < 0.1 * result.n:
             lines.append("  warning: ESS below 10% of the samples; the fit rests on few samples, draw more "
                          "(--task_args fit_samples=N)")

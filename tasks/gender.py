@@ -5,7 +5,9 @@ the target keeps the base model as close as possible (the information projection
 biographies are about women.
 
 Prompts
-    ``TEMPLATES`` x ``ROLES``: "Here is a short biography of a scientist:" and similar, 16 prompts.
+    ``TEMPLATE`` x ``ROLES``: "Here is a short biography of a scientist:" and 7 other occupations.
+    Few prompts on purpose: the fit normalises per prompt, so it needs many base samples per prompt
+    (a prompt none of whose samples is about a woman cannot move toward the moment in the fit).
 
 Feature :math:`\phi` (``female``)
     1 when the completion's female words outnumber its male words, else 0 (ties, including texts with
@@ -37,9 +39,9 @@ from objectives import exponential_family
 from tasks.base import Task, TaskSpec, parse_options
 from tasks.constraints import moment_fit_hook, words
 
-TEMPLATES = ("Here is a short biography of a {role}:\n", "Write a short biography of a {role}.\n")
+TEMPLATE = "Here is a short biography of a {role}:\n"
 ROLES = ("scientist", "writer", "doctor", "politician", "engineer", "musician", "teacher", "lawyer")
-DEFAULT_PROMPTS = [t.format(role=r) for t in TEMPLATES for r in ROLES]
+DEFAULT_PROMPTS = [TEMPLATE.format(role=r) for r in ROLES]
 
 FEMALE_WORDS = frozenset("""
 she her hers herself woman women girl girls lady ladies female females feminine

@@ -1,4 +1,4 @@
-r"""``lexical``: a pointwise binary constraint, :math:`P(x) = a(x)\,b(x)`.
+r"""``lexical``: a pointwise binary constraint, :math:`P(x\mid c) = a(x\mid c)\,b(x)`.
 
 The pointwise GDC/DPG experiment of Khalifa et al. (2021): every sample of the target contains a
 given word, and among such texts the target is the base model itself (:math:`p = a(\cdot\mid b=1)`).
@@ -11,9 +11,14 @@ Feature :math:`b` (``b``)
     letter, digit or underscore (regex lookarounds ``(?<!\w)word(?!\w)``), so multi-word phrases work
     too (``word=thank you``; inner spaces match any run of whitespace).
 
-Prompts: none (unconditional generation from BOS, one global :math:`Z`); ``--prompts_file`` gives a
-conditional task (one :math:`Z_c` per prompt, CDPG).
-Options: ``word=amazing``.
+Prompts
+    ``DEFAULT_PROMPTS``, sentence openings where an adjective comes next ("The concert last night
+    was"), one :math:`Z_c` per prompt (CDPG); ``--prompts_file`` replaces them. On the embedded
+    SmolLM2-135M, 10 of 96 base samples of 32 tokens contain "amazing". ``unconditional=true``
+    generates from BOS with one global :math:`Z` as in the GDC paper, but there the model almost never
+    writes the word (0 of 96 samples; nor with open prompts such as "Describe your favourite meal."),
+    and forward KL, which learns only from samples with :math:`b = 1`, would get no signal.
+Options: ``word=amazing``, ``unconditional=false``.
 Metric: ``score/constraint_satisfaction`` = :math:`E_\pi[b]` (``fdpg eval`` on the base model gives the
 base rate :math:`E_a[b]`).
 """
@@ -27,6 +32,15 @@ import torch
 
 from objectives import binary_constraint
 from tasks.base import Task, TaskSpec, parse_options
+
+DEFAULT_PROMPTS = [
+    "The concert last night was",
+    "Honestly, the food at that new place is",
+    "I just got back from my trip to Japan and it was",
+    "The view from the top of the mountain was",
+    "My new phone is",
+    "Our weekend at the beach was",
+]
 
 
 def word_pattern(word: str) -> re.Pattern[str]:
@@ -51,7 +65,7 @@ class LexicalTask(Task):
     name = "lexical"
     description = "pointwise constraint: P = a * b, b = the completion contains a word (default 'amazing')"
     defaults = {"divergence": "fkl", "max_new_tokens": 32}
-    options = {"word": "amazing"}
+    options = {"word": "amazing", "unconditional": False}
 
     def build(self, beta: float, options: Mapping[str, str], prompts: Sequence[str] | None = None) -> TaskSpec:
         opts = parse_options(self.name, options, self.options)
@@ -60,10 +74,14 @@ class LexicalTask(Task):
         def scorer(completions: list[str], prompts: list[str]) -> dict[str, torch.Tensor]:
             return {"b": torch.tensor([float(contains_word(t, pattern)) for t in completions], dtype=torch.float64)}
 
+        if prompts:
+            pool: list[str] | None = list(prompts)
+        else:
+            pool = None if opts["unconditional"] else list(DEFAULT_PROMPTS)
         return TaskSpec(
-            prompts=list(prompts) if prompts else None,
+            prompts=pool,
             scorer=scorer,
-            target=binary_constraint("b").as_conditional(bool(prompts)),
+            target=binary_constraint("b").as_conditional(pool is not None),
             metrics=constraint_metrics,
             defaults=dict(self.defaults),
             notes=[f"b = the completion contains {opts['word']!r} (whole word, any case)"],

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tasks import get_task
-from tasks.codegen import compiles, function_body, pep8_per_line, pep8_violations, stdlib_prompts
+from tasks.codegen import compiles, function_body, pep8_per_line, pep8_violations, split_source, stdlib_prompts
 
 PROMPT = 'def add_one(x):\n    """Return x plus one."""\n'
 
@@ -103,6 +103,17 @@ def test_compiles(completion: str, expected: bool) -> None:
     assert compiles(PROMPT, completion) is expected
 
 
+def test_prompt_ending_with_the_body_indentation() -> None:
+    indented = PROMPT + "    "
+    assert split_source(indented, "return x\nprint(1)") == (PROMPT, "    return x")
+    assert split_source(indented, "\n    return x") == (PROMPT, "\n    return x")  # blank first line: no W293
+    assert compiles(indented, "return x + 1\n") and compiles(indented, "\n    return x\n")
+    assert not compiles(indented, "\n") and not compiles(indented, "```python\n")
+    assert not compiles(indented, "return x +")
+    assert pep8_per_line(indented, "\n    y = x + 1\n    return y\n") == 0.0
+    assert pep8_per_line(indented, "return  x\n") == 1.0
+
+
 def test_allow_empty_body() -> None:
     assert compiles(PROMPT, "", allow_empty=True)
     assert not compiles(PROMPT, "    return x +", allow_empty=True)
@@ -126,6 +137,8 @@ def test_pep8_counts_on_known_snippets() -> None:
 def test_spec_target_and_metrics() -> None:
     spec = get_task("code").build(0.1, {"n_prompts": "20"})
     assert len(spec.prompts) == 20 and spec.target.conditional and spec.target.features == ("b",)
+    assert all(p.endswith('"""\n    ') for p in spec.prompts)
+    assert all(p.endswith('"""\n') for p in get_task("code").build(0.1, {"n_prompts": "20", "indent": "false"}).prompts)
     feats = spec.scorer(["    return x + 1\n", "    return x +\n"], [PROMPT, PROMPT])
     assert feats["b"].tolist() == [1.0, 0.0]
     assert spec.metrics(feats) == {"score/compile_rate": 0.5, "score/pep8_per_line": 0.0}

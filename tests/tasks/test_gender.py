@@ -70,6 +70,19 @@ def test_fit_hook_reaches_the_moment(conditional: bool) -> None:
     assert restored.target == fitted.target and not restored.needs_fit
 
 
+def test_fit_report_warns_about_prompts_that_cannot_move() -> None:
+    spec = get_task("gender").build(0.1, {"fit_samples": "30"}, ["a", "b", "c"])
+    texts = {"a": [SHE, HE, HE], "b": [HE, SHE, HE], "c": [HE, HE, HE]}
+
+    def sample(n: int):
+        prompts = ["a", "b", "c"] * (n // 3)
+        return [texts[p][i % 3] for i, p in enumerate(prompts)], prompts
+
+    _, fit = spec.fitted(sample)
+    assert "constant on the samples of 1 of 3 prompts" in fit.report
+    assert fit.details["achieved_moments"]["female"] == pytest.approx(0.5, abs=1e-6)
+
+
 def test_fit_hook_unreachable_on_texts_without_women() -> None:
     spec = get_task("gender").build(0.1, {"fit_samples": "8"})
     sample, _ = _fixed_sampler(["zq xv", HE], spec.prompts)

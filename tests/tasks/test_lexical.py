@@ -38,7 +38,9 @@ def test_other_words_and_phrases() -> None:
 
 def test_spec_scores_and_target() -> None:
     spec = get_task("lexical").build(0.1, {"word": "great"})
-    assert spec.prompts is None and not spec.target.conditional
+    assert len(spec.prompts) > 1 and spec.target.conditional
+    unconditional = get_task("lexical").build(0.1, {"unconditional": "true"})
+    assert unconditional.prompts is None and not unconditional.target.conditional
     feats = spec.scorer(["a great day", "greatness", "GREAT!"], ["", "", ""])
     assert feats["b"].tolist() == [1.0, 0.0, 1.0]
     log_p = spec.target.log_P(torch.zeros(3), feats)
