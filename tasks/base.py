@@ -6,8 +6,9 @@ a scorer ``(completions, prompts) -> {feature: values}``, the target :math:`P` a
 
 Distributional constraints (``gender``, ``professions``) need :math:`\lambda` fitted on samples of the
 base model :math:`a` before training, and :meth:`Task.build` has no model. Such a spec carries a
-``fit`` hook: the engine calls :meth:`TaskSpec.fitted` with a :data:`SampleFn` drawing ``n`` base
-samples, and trains toward the returned spec's target (see :mod:`tasks.constraints`).
+``fit`` hook: the engine calls ``target, report = spec.fit(sample_fn, n)`` with a :data:`SampleFn`
+drawing base samples (``fdpg train --fit_samples N``), and trains toward ``target``
+(see :mod:`tasks.constraints`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,17 +47,25 @@ def require(module: str, install: str) -> None:
 
 @dataclass(frozen=True)
 class TargetFit:
-    r"""What a task's ``fit`` hook returns: the fitted target and a report of the fit.
+    r"""What a task's ``fit`` hook returns; it unpacks as ``target, report = fit`` (the engine's contract).
 
     Attributes:
         target: the target to train toward (e.g. :math:`a\,e^{\lambda\cdot\phi}` with fitted :math:`\lambda`).
         report: human-readable lines for the console.
-        details: JSON-serialisable record for the run directory (lambdas, target and achieved moments, ESS, n).
+        details: JSON-serialisable record for the run directory (lambdas, target, achieved and base
+            moments, ESS, n); :func:`tasks.constraints.restore_fit` rebuilds the target from it.
     """
 
     target: Target
     report: str
-    details: dict[str, Any]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.target, self.report))
+
+
+#: ``fit(sample_fn, n) -> TargetFit``; ``n = None``: the task's suggestion, ``TaskSpec.fit_samples``.
+FitHook = Callable[[SampleFn, "int | None"], TargetFit]
 
 
 @dataclass
@@ -68,10 +77,10 @@ class TaskSpec:
         scorer: ``(completions, prompts) -> {feature: one number per completion}``; may return more features
             than the target reads (metric-only features).
         target: the unnormalised target :math:`P`. When ``fit`` is set this is a placeholder with
-            :math:`\lambda = 0` (i.e. :math:`P = a`) until :meth:`fitted` replaces it.
+            :math:`\lambda = 0` (i.e. :math:`P = a`) until the fitted target replaces it.
         metrics: ``features -> {"score/<name>": value}``, the task's alignment metrics of a batch.
-        fit: ``fit(sample_fn) -> TargetFit``, to be called once before training (see :meth:`fitted`).
-        fit_samples: how many base samples ``fit`` wants (``--task_args fit_samples=N``).
+        fit: ``fit(sample_fn, n) -> TargetFit``, to be called once before training on ``n`` base samples.
+        fit_samples: the number of base samples the task suggests for ``fit``.
     """
 
     prompts: list[str] | None
@@ -80,18 +89,18 @@ class TaskSpec:
     metrics: MetricsFn
     defaults: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    fit: Callable[[SampleFn], TargetFit] | None = None
+    fit: FitHook | None = None
     fit_samples: int = 0
 
     @property
     def needs_fit(self) -> bool:
         return self.fit is not None
 
-    def fitted(self, sample_fn: SampleFn) -> tuple[TaskSpec, TargetFit]:
-        """Run the ``fit`` hook on base samples; return a spec whose target is the fitted one (and no hook)."""
+    def fitted(self, sample_fn: SampleFn, n: int | None = None) -> tuple[TaskSpec, TargetFit]:
+        """Run the ``fit`` hook on ``n`` base samples; return a spec with the fitted target (and no hook)."""
         if self.fit is None:
             raise ValueError("this task has no fit hook (its target needs no fitting)")
-        result = self.fit(sample_fn)
+        result = self.fit(sample_fn, n)
         return dataclasses.replace(self, target=result.target, fit=None), result
 
 

@@ -12,6 +12,7 @@ Fitting :math:`\lambda` before training
     (Khalifa et al. 2021). :func:`moment_fit_hook` builds the ``fit`` hook of a
     :class:`~tasks.base.TaskSpec`: it draws base samples through the engine's
     :data:`~tasks.base.SampleFn`, scores them and fits :math:`\lambda` with :func:`fit_moments`.
+    :func:`base_sampler` is such a sampler, with prompts stratified (each prompt equally often).
 
     With prompts and a *conditional* target (one :math:`Z_c` per prompt, CDPG) the moment that
     training can reach is the prompt average :math:`\sum_c u(c)\,E_{p(\cdot\mid c)}[\phi]`, where
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from scipy.special import logsumexp
 
 from objectives import MomentFit, UnreachableMomentError, exponential_family, fit_lambdas
 from objectives.errors import ScoreError
-from tasks.base import SampleFn, Scorer, TargetFit, TaskSpec, features_to_tensors
+from tasks.base import FitHook, SampleFn, Scorer, TargetFit, TaskSpec, features_to_tensors
 
 if TYPE_CHECKING:
     from fdpg.policy import Policy
@@ -118,7 +119,7 @@ def fit_moments(
             raise UnreachableMomentError(
                 f"target moment {name} = {mu[i]:g} is outside the open range ({lo[i]:g}, {hi[i]:g}) that a per-prompt "
                 f"normalised target can reach from these {n} samples of {len(members)} prompts: no finite lambda "
-                "reaches it. Draw more (or more diverse) samples (--task_args fit_samples=N), or pick a moment inside."
+                "reaches it. Draw more (or more diverse) samples (--fit_samples N), or pick a moment inside."
             )
 
     def group_probs(lam: np.ndarray) -> tuple[float, np.ndarray]:
@@ -165,20 +166,23 @@ def fit_moments(
 
 
 def moment_fit_hook(
-    scorer: Scorer, moments: Mapping[str, float], n: int, conditional: bool, name: str = "task"
-) -> Callable[[SampleFn], TargetFit]:
+    scorer: Scorer, moments: Mapping[str, float], default_n: int, conditional: bool, name: str = "task"
+) -> FitHook:
     r"""The ``fit`` hook of a distributional-constraint task: base samples -> fitted :math:`a e^{\lambda\cdot\phi}`.
 
     Args:
         scorer: the task's scorer; it must return every feature named in ``moments``.
         moments: feature -> target moment :math:`\bar\mu`.
-        n: number of base samples to draw.
+        default_n: number of base samples to draw when the caller gives none.
         conditional: per-prompt normalisers (the target is conditional and the fit groups by prompt).
         name: the task's name, for the report.
     """
     moments = {k: float(v) for k, v in moments.items()}
 
-    def fit(sample_fn: SampleFn) -> TargetFit:
+    def fit(sample_fn: SampleFn, n: int | None = None) -> TargetFit:
+        n = default_n if n is None else int(n)
+        if n < 2:
+            raise ValueError(f"task {name!r}: fitting lambda needs at least 2 base samples, got {n}")
         completions, prompts = sample_fn(n)
         if len(completions) != len(prompts) or not completions:
             raise ValueError(f"the base sampler returned {len(completions)} completions for {len(prompts)} prompts")
@@ -207,10 +211,10 @@ def moment_fit_hook(
                 if stuck:
                     lines.append(f"  warning: {k} is constant on the samples of {stuck} of {len(values)} prompts: "
                                  "their moments cannot move in the fit, which biases lambda; draw more samples "
-                                 "(--task_args fit_samples=N)")
+                                 "(--fit_samples N)")
         if result.ess < 0.1 * result.n:
             lines.append("  warning: ESS below 10% of the samples; the fit rests on few samples, draw more "
-                         "(--task_args fit_samples=N)")
+                         "(--fit_samples N)")
         details: dict[str, Any] = {
             "lambdas": result.lambdas, "target_moments": result.target_moments,
             "achieved_moments": result.achieved_moments, "base_moments": base, "ess": result.ess,

@@ -17,14 +17,16 @@ Feature :math:`\phi` (``female``)
     (mother/daughter/wife/actress/... vs father/son/husband/actor/...). Only the completion is read.
 
 Target and :math:`\lambda`
-    :math:`\lambda` is fitted *before* training on ``fit_samples`` base samples through the spec's
-    ``fit`` hook (:func:`tasks.constraints.moment_fit_hook`): per-prompt normalisers, so that the
-    prompt-averaged :math:`E_{p(\cdot\mid c)}[\phi]` equals ``moment``. Until then the spec's target has
+    :math:`\lambda` is fitted *before* training on base samples (``fdpg train --fit_samples N``; the
+    task suggests ``FIT_SAMPLES`` = 256, 32 per prompt) through the spec's ``fit`` hook
+    (:func:`tasks.constraints.moment_fit_hook`): per-prompt normalisers, so that the prompt-averaged
+    :math:`E_{p(\cdot\mid c)}[\phi]` equals ``moment``. Until then the spec's target has
     :math:`\lambda = 0`. The fit fails with :class:`~objectives.UnreachableMomentError` when no base
-    sample is about a woman (e.g. a random model): draw more samples.
+    sample is about a woman (e.g. a random model): draw more samples. On the embedded SmolLM2-135M,
+    38 of 256 base samples of 48 tokens (14.8%) are about women: lambda = 2.01, ESS 120 of 256.
 
-Options (``--task_args``): ``moment=0.5``, ``fit_samples=256``, ``conditional=true`` (false: one
-normaliser over all prompts).
+Options (``--task_args``): ``moment=0.5``, ``conditional=true`` (false: one normaliser over all
+prompts).
 Metrics: ``score/female_fraction`` (:math:`E_\pi[\phi]`, to be compared with ``moment``) and
 ``score/female_fraction_error`` (the difference).
 """
@@ -42,6 +44,7 @@ from tasks.constraints import moment_fit_hook, words
 TEMPLATE = "Here is a short biography of a {role}:\n"
 ROLES = ("scientist", "writer", "doctor", "politician", "engineer", "musician", "teacher", "lawyer")
 DEFAULT_PROMPTS = [TEMPLATE.format(role=r) for r in ROLES]
+FIT_SAMPLES = 256
 
 FEMALE_WORDS = frozenset("""
 she her hers herself woman women girl girls lady ladies female females feminine
@@ -81,14 +84,12 @@ class GenderTask(Task):
     name = "gender"
     description = "biographies, half about women: P = a * exp(lambda * female), lambda fitted so E_p[female] = 0.5"
     defaults = {"divergence": "fkl", "max_new_tokens": 48}
-    options = {"moment": 0.5, "fit_samples": 256, "conditional": True}
+    options = {"moment": 0.5, "conditional": True}
 
     def build(self, beta: float, options: Mapping[str, str], prompts: Sequence[str] | None = None) -> TaskSpec:
         opts = parse_options(self.name, options, self.options)
         if not 0 < opts["moment"] < 1:
             raise ValueError(f"task 'gender': moment must be in (0, 1), got {opts['moment']}")
-        if opts["fit_samples"] < 2:
-            raise ValueError(f"task 'gender': fit_samples must be at least 2, got {opts['fit_samples']}")
         moment, conditional = opts["moment"], opts["conditional"]
 
         def metrics(features: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -101,7 +102,7 @@ class GenderTask(Task):
             target=exponential_family(["female"]).as_conditional(conditional),
             metrics=metrics,
             defaults=dict(self.defaults),
-            notes=[f"lambda is fitted on {opts['fit_samples']} base samples before training (E_p[female] = {moment})"],
-            fit=moment_fit_hook(gender_scorer, {"female": moment}, opts["fit_samples"], conditional, self.name),
-            fit_samples=opts["fit_samples"],
+            notes=[f"lambda is fitted on {256} base samples before training (E_p[female] = {moment})"],
+            fit=moment_fit_hook(gender_scorer, {"female": moment}, FIT_SAMPLES, conditional, self.name),
+            fit_samples=FIT_SAMPLES,
         )

@@ -15,13 +15,16 @@ Features :math:`\phi_i \in \{0, 1\}`: ``science``, ``art``, ``sports``, ``busine
     such as "university", "director" or "president".
 
 Target and :math:`\lambda`
-    Fitted before training on ``fit_samples`` base samples (per-prompt normalisers, see
-    :mod:`tasks.constraints`). Moments come from the options ``science=0.25,art=0.25,sports=0.25,
-    business=0.25`` (the default: each field in a quarter of the biographies); a moment ``none`` leaves
-    that feature unconstrained (still scored and reported). Base rates of a field far below its moment
-    give a small effective sample size: raise ``fit_samples``.
+    Fitted before training on base samples (``fdpg train --fit_samples N``; the task suggests
+    ``FIT_SAMPLES`` = 512; per-prompt normalisers, see :mod:`tasks.constraints`). Moments come from
+    the options ``science=0.25,art=0.25,sports=0.25,business=0.25`` (the default: each field in a
+    quarter of the biographies); a moment ``none`` leaves that feature unconstrained (still scored
+    and reported). Base rates of a field far below its moment give a small effective sample size:
+    raise ``--fit_samples``. On the embedded SmolLM2-135M (512 base samples of 48 tokens) the base
+    rates are science 5.3%, art 15.4%, sports 4.3%, business 8.2%; lambda = (1.90, 0.82, 2.20, 1.38),
+    ESS 115 of 512.
 
-Options: the four moments, ``fit_samples=512``, ``conditional=true``.
+Options: the four moments, ``conditional=true``.
 Metrics: ``score/<field>_fraction`` (:math:`E_\pi[\phi_i]`) for the four fields, and
 ``score/moment_error`` (the largest absolute gap to the constrained moments).
 """
@@ -73,6 +76,7 @@ KEYWORDS: dict[str, frozenset[str]] = {
     """.split()),
 }
 FIELDS = tuple(KEYWORDS)
+FIT_SAMPLES = 512
 
 
 def field_features(text: str) -> dict[str, float]:
@@ -90,7 +94,7 @@ class ProfessionsTask(Task):
     description = ("biographies over four fields: P = a * exp(sum_i lambda_i phi_i), phi = science/art/sports/"
                    "business keywords, lambda fitted to the moments (0.25 each)")
     defaults = {"divergence": "fkl", "max_new_tokens": 48}
-    options = {**{f: "0.25" for f in FIELDS}, "fit_samples": 512, "conditional": True}
+    options = {**{f: "0.25" for f in FIELDS}, "conditional": True}
 
     def build(self, beta: float, options: Mapping[str, str], prompts: Sequence[str] | None = None) -> TaskSpec:
         opts = parse_options(self.name, options, self.options)
@@ -108,8 +112,6 @@ class ProfessionsTask(Task):
             moments[f] = value
         if not moments:
             raise ValueError("task 'professions': every moment is 'none'; constrain at least one field")
-        if opts["fit_samples"] < 2:
-            raise ValueError(f"task 'professions': fit_samples must be at least 2, got {opts['fit_samples']}")
         conditional = opts["conditional"]
 
         def metrics(features: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -125,7 +127,7 @@ class ProfessionsTask(Task):
             target=exponential_family(list(moments)).as_conditional(conditional),
             metrics=metrics,
             defaults=dict(self.defaults),
-            notes=[f"lambda is fitted on {opts['fit_samples']} base samples before training (moments {moments})"],
-            fit=moment_fit_hook(professions_scorer, moments, opts["fit_samples"], conditional, self.name),
-            fit_samples=opts["fit_samples"],
+            notes=[f"lambda is fitted on {512} base samples before training (moments {moments})"],
+            fit=moment_fit_hook(professions_scorer, moments, FIT_SAMPLES, conditional, self.name),
+            fit_samples=FIT_SAMPLES,
         )

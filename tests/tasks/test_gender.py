@@ -48,16 +48,17 @@ def _fixed_sampler(texts: list[str], prompts: list[str]):
 
 @pytest.mark.parametrize("conditional", [True, False])
 def test_fit_hook_reaches_the_moment(conditional: bool) -> None:
-    spec = get_task("gender").build(0.1, {"moment": "0.5", "fit_samples": "40",
-                                          "conditional": str(conditional).lower()})
-    assert spec.needs_fit and spec.fit_samples == 40 and spec.target.conditional is conditional
+    spec = get_task("gender").build(0.1, {"moment": "0.5", "conditional": str(conditional).lower()})
+    assert spec.needs_fit and spec.fit_samples == 256 and spec.target.conditional is conditional
     # placeholder before the fit: lambda = 0, i.e. P = a
     assert spec.target.energies[0].lambdas == {"female": 0.0}
     prompts = spec.prompts[:2]
     texts = [SHE, HE, HE, HE, HE]  # base rate 1/5 in each prompt's samples
     sample, calls = _fixed_sampler(texts, prompts)
-    fitted, fit = spec.fitted(sample)
+    fitted, fit = spec.fitted(sample, 40)
     assert calls == [40]
+    target, report = spec.fit(sample, 40)  # the engine's call: unpacks as (target, report)
+    assert target == fitted.target and report == fit.report and calls == [40, 40]
     lam = fit.details["lambdas"]["female"]
     assert lam == pytest.approx(math.log(4), abs=1e-5)  # 1/5 -> 1/2 needs odds x4
     assert fit.details["base_moments"]["female"] == pytest.approx(0.2)
@@ -71,23 +72,25 @@ def test_fit_hook_reaches_the_moment(conditional: bool) -> None:
 
 
 def test_fit_report_warns_about_prompts_that_cannot_move() -> None:
-    spec = get_task("gender").build(0.1, {"fit_samples": "30"}, ["a", "b", "c"])
+    spec = get_task("gender").build(0.1, {}, ["a", "b", "c"])
     texts = {"a": [SHE, HE, HE], "b": [HE, SHE, HE], "c": [HE, HE, HE]}
 
     def sample(n: int):
         prompts = ["a", "b", "c"] * (n // 3)
-        return [texts[p][i % 3] for i, p in enumerate(prompts)], prompts
+        return [texts[p][(i // 3) % 3] for i, p in enumerate(prompts)], prompts
 
-    _, fit = spec.fitted(sample)
+    _, fit = spec.fitted(sample, 30)
     assert "constant on the samples of 1 of 3 prompts" in fit.report
     assert fit.details["achieved_moments"]["female"] == pytest.approx(0.5, abs=1e-6)
 
 
 def test_fit_hook_unreachable_on_texts_without_women() -> None:
-    spec = get_task("gender").build(0.1, {"fit_samples": "8"})
+    spec = get_task("gender").build(0.1, {})
     sample, _ = _fixed_sampler(["zq xv", HE], spec.prompts)
     with pytest.raises(UnreachableMomentError, match="base-model rates"):
-        spec.fitted(sample)
+        spec.fitted(sample, 8)
+    with pytest.raises(ValueError, match="at least 2"):
+        spec.fitted(sample, 1)
 
 
 def test_options_are_checked() -> None:
@@ -99,9 +102,10 @@ def test_options_are_checked() -> None:
 
 def test_two_steps_toward_the_fitted_target(smoke_run) -> None:
     """Random tiny-model text has no gendered words: fit on fixed texts, then train toward that target."""
-    spec = get_task("gender").build(0.1, {"fit_samples": "20"}, ["bio:", "she"])
-    sample, _ = _fixed_sampler([SHE, HE, HE], spec.prompts)
+    spec = get_task("gender").build(0.1, {}, ["bio:", "she"])
+    sample, calls = _fixed_sampler([SHE, HE, HE], spec.prompts)
     fitted, _ = spec.fitted(sample)
+    assert calls == [256]  # the task's suggestion when the caller gives no n
     metrics = smoke_run(fitted, divergence="fkl")
     assert all(m["score/female_fraction"] == pytest.approx(0.5 + m["score/female_fraction_error"])
                for m in metrics)

@@ -44,8 +44,8 @@ def _sampler(prompts: list[str]):
 def test_fit_of_four_moments() -> None:
     # the five texts are exclusive (one field each, or none): the moments must sum to less than 1
     moments = {"science": 0.3, "art": 0.25, "sports": 0.2, "business": 0.2}
-    spec = get_task("professions").build(0.1, {**{k: str(v) for k, v in moments.items()}, "fit_samples": "50"})
-    fitted, fit = spec.fitted(_sampler(spec.prompts))
+    spec = get_task("professions").build(0.1, {k: str(v) for k, v in moments.items()})
+    fitted, fit = spec.fitted(_sampler(spec.prompts), 50)
     assert set(fit.details["lambdas"]) == set(FIELDS)
     for field, moment in moments.items():
         assert fit.details["base_moments"][field] == pytest.approx(0.2)
@@ -66,13 +66,13 @@ def test_unconstrained_field_and_bad_options() -> None:
         get_task("professions").build(0.1, {"art": "1"})
     with pytest.raises(ValueError, match="unknown --task_args"):
         get_task("professions").build(0.1, {"politics": "0.2"})
-    spec = get_task("professions").build(0.1, {"fit_samples": "10"})
+    spec = get_task("professions").build(0.1, {})
     with pytest.raises(UnreachableMomentError):
-        spec.fitted(lambda n: (["nothing here"] * n, [spec.prompts[0]] * n))
+        spec.fitted(lambda n: (["nothing here"] * n, [spec.prompts[0]] * n), 10)
 
 
 def test_two_steps_toward_the_fitted_target(smoke_run) -> None:
-    spec = get_task("professions").build(0.1, {**{f: "0.2" for f in FIELDS}, "fit_samples": "40"}, ["bio:", "life:"])
-    fitted, _ = spec.fitted(_sampler(spec.prompts))
+    spec = get_task("professions").build(0.1, {f: "0.2" for f in FIELDS}, ["bio:", "life:"])
+    fitted, _ = spec.fitted(_sampler(spec.prompts), 40)
     metrics = smoke_run(fitted)
     assert {f"score/{f}_fraction" for f in FIELDS} <= set(metrics[-1])
