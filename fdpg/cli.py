@@ -66,20 +66,27 @@ def build_trainer(config: TrainConfig):
     lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules) \
         if config.lora_r > 0 else None
     policy = Policy.from_pretrained(config.model, lora=lora, trust_remote_code=config.trust_remote_code)
-    target = fit_target(spec, policy, config.max_new_tokens, config.fit_samples, config.seed)
-    return FDPGTrainer(config, policy, target, spec.scorer, spec.prompts, spec.metrics)
+    target, fit_details = fit_target(spec, policy, config.max_new_tokens, config.fit_samples, config.seed)
+    trainer = FDPGTrainer(config, policy, target, spec.scorer, spec.prompts, spec.metrics)
+    trainer.run_extras = {"target_fit": fit_details} if fit_details else {}
+    return trainer
 
 
-def fit_target(spec, policy, max_new_tokens: int, n: int, seed: int):
-    """The task's target, fitted first on ``n`` base-model samples when the task asks for it."""
+def fit_target(spec, policy, max_new_tokens: int, n: int | None, seed: int):
+    """The task's target, fitted first on ``n`` base-model samples when the task asks for it.
+
+    ``n=None`` takes the task's suggestion. Base samples are stratified over the prompts (equal counts
+    per prompt) and seeded, so a resumed run refits exactly the same target.
+    """
     if getattr(spec, "fit", None) is None:
-        return spec.target
-    from fdpg.evaluation import base_sampler
+        return spec.target, None
+    from tasks.constraints import base_sampler
 
+    n = n or spec.fit_samples or 256
     print(f"[fdpg] fitting the target on {n} samples of the base model", file=sys.stderr, flush=True)
-    target, report = spec.fit(base_sampler(policy, spec.prompts, max_new_tokens, seed + 1), n)
-    print(report, file=sys.stderr, flush=True)
-    return target
+    fit = spec.fit(base_sampler(policy, spec.prompts, max_new_tokens, seed + 1), n)
+    print(fit.report, file=sys.stderr, flush=True)
+    return fit.target, getattr(fit, "details", None)
 
 
 def cmd_train(argv: Sequence[str]) -> int:

@@ -35,8 +35,9 @@ class TrainConfig:
     prompts_file: str | None = field(default=None, metadata={
         "help": "Text file with one prompt per line, replacing the task's prompts."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    fit_samples: int = field(default=256, metadata={
-        "help": "Base-model samples used to fit the target before training (distributional constraints)."})
+    fit_samples: int | None = field(default=None, metadata={
+        "help": "Base-model samples used to fit the target before training (distributional constraints); "
+                "default: the task's suggestion."})
 
     # --- policy
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning with a frozen reference copy."})
@@ -102,11 +103,13 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the setting, its value and the fix."""
         positive = ("steps", "batch_size", "samples_per_prompt", "generation_batch_size", "micro_batch_size",
-                    "max_new_tokens", "save_every", "log_z_window", "fit_samples")
+                    "max_new_tokens", "save_every", "log_z_window")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+        if self.fit_samples is not None and (not isinstance(self.fit_samples, int) or self.fit_samples < 1):
+            raise ValueError(f"--fit_samples must be a positive integer, got {self.fit_samples!r}")
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(
                 f"--batch_size ({self.batch_size}) must be a multiple of "

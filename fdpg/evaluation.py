@@ -19,6 +19,7 @@ import torch
 
 from fdpg.metrics import distinct_n
 from fdpg.sampling import SampleBatch, completion_token_log_probs, sample_completions
+from fdpg.scores import checked_features
 
 BaseSampler = Callable[[int], tuple[list[str], list[str]]]
 
@@ -62,8 +63,7 @@ def sequence_log_probs(model, batch: SampleBatch, micro_batch: int = 16) -> torc
 def evaluate_policy(policy, spec, n: int, max_new_tokens: int, seed: int = 0) -> dict[str, Any]:
     """Task metrics, :math:`KL(\\pi\\|a)` and Distinct-n of ``n`` samples from the policy."""
     batch = draw_samples(policy, spec.prompts, n, max_new_tokens, seed)
-    features = spec.target.validate(torch.zeros(len(batch), dtype=torch.float64),
-                                    spec.scorer(list(batch.texts), list(batch.prompts)))
+    features = checked_features(spec.target, spec.scorer(list(batch.texts), list(batch.prompts)), len(batch))
     log_pi = batch.log_pi.double()
     with policy.reference() as ref:
         log_a = sequence_log_probs(ref, batch)

@@ -38,6 +38,7 @@ from fdpg.metrics import batch_metrics
 from fdpg.policy import Policy
 from fdpg.run_log import RunLog
 from fdpg.sampling import SampleBatch, completion_token_log_probs, sample_completions
+from fdpg.scores import checked_features
 from objectives import (
     LogZEstimator,
     MovingAverageBaseline,
@@ -131,6 +132,8 @@ class FDPGTrainer:
         if config.off_policy:
             self.proposal = {k: v.detach().clone() for k, v in self._trainable().items()}
         self.step = 0
+        #: Extra entries for config.json (e.g. the fitted lambdas of the target), set by the caller.
+        self.run_extras: dict[str, Any] = {}
         self.run: RunLog | None = None
         self._stop_signal: int | None = None
 
@@ -203,9 +206,7 @@ class FDPGTrainer:
         return torch.cat(out).double()
 
     def _score(self, batch: SampleBatch) -> dict[str, torch.Tensor]:
-        raw = self.scorer(list(batch.texts), list(batch.prompts))
-        log_a_like = torch.zeros(len(batch), dtype=torch.float64)
-        return self.target.validate(log_a_like, raw)
+        return checked_features(self.target, self.scorer(list(batch.texts), list(batch.prompts)), len(batch))
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
@@ -343,6 +344,9 @@ class FDPGTrainer:
         if diff:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
             raise ValueError(f"cannot resume {run.dir}: settings differ ({lines}). Resume with the same settings.")
+        if saved.get("target") not in (None, self.target.describe()) and self.is_main:
+            print(f"[fdpg] warning: the target was {saved['target']!r} in {run.dir} but is "
+                  f"{self.target.describe()!r} now (a refitted lambda may differ slightly)", flush=True)
         path = latest_checkpoint(run.dir)
         if path is None:
             raise FileNotFoundError(f"--resume {run.dir}: no checkpoint in {run.dir / 'checkpoints'}")
@@ -377,7 +381,7 @@ class FDPGTrainer:
             self._restore(self.run)
         elif self.is_main:
             self.run = RunLog.create(cfg.output_dir, {**cfg.to_dict(), "target": self.target.describe(),
-                                                      "conditional": self.conditional})
+                                                      "conditional": self.conditional, **self.run_extras})
         if self.is_main and cfg.report_to != "none":
             self.accelerator.init_trackers("fdpg", config=cfg.to_dict())
         # Signal handlers can only be installed from the main thread; elsewhere the caller handles signals.

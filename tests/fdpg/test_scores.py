@@ -75,3 +75,32 @@ def test_empty_completions_are_scored_and_logged(make_trainer) -> None:
     assert all(math.isfinite(m["kl_pi_a"]) and math.isfinite(m["pseudo_reward_mean"]) for m in metrics)
     samples = read_jsonl(trainer.run_dir / "samples.jsonl")
     assert any(s["completion"] == "" and s["scores"]["reward"] == 0.0 for s in samples)
+
+
+def test_metric_only_features_reach_the_metrics_and_samples(make_trainer) -> None:
+    """A scorer may return features the target does not read: they are checked and logged, not optimised."""
+    seen = {}
+
+    def metrics(features):
+        seen.update(features)
+        return {"score/length": float(features["length"].mean())}
+
+    def scorer(completions, prompts):
+        return {**toy_scorer(completions, prompts), "length": [float(len(c)) for c in completions]}
+
+    trainer = make_trainer(scorer=scorer, steps=1)
+    trainer.metrics_fn = metrics
+    trainer.train()
+    assert "length" in seen and seen["length"].shape == (8,)
+    row = read_jsonl(trainer.run_dir / "metrics.jsonl")[0]
+    assert row["score/length"] == pytest.approx(float(seen["length"].mean()))
+    sample = read_jsonl(trainer.run_dir / "samples.jsonl")[0]
+    assert sample["scores"]["length"] == pytest.approx(len(sample["completion"]))
+
+
+def test_metric_only_features_are_checked_too(make_trainer) -> None:
+    def scorer(completions, prompts):
+        return {**toy_scorer(completions, prompts), "extra": [float("nan")] * len(completions)}
+
+    with pytest.raises(ScoreError, match="'extra'"):
+        make_trainer(scorer=scorer, steps=1).train()
