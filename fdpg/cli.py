@@ -23,7 +23,9 @@ from fdpg.config import TrainConfig, load_config_file
 
 
 def parse_train_args(argv: Sequence[str]) -> TrainConfig:
-    """Flags over an optional ``--config`` YAML/JSON file over the defaults."""
+    """Flags over an optional ``--config`` YAML/JSON file over the task's defaults over the global defaults."""
+    import dataclasses
+
     from transformers import HfArgumentParser
 
     pre = argparse.ArgumentParser(add_help=False)
@@ -32,10 +34,28 @@ def parse_train_args(argv: Sequence[str]) -> TrainConfig:
     parser = HfArgumentParser(TrainConfig, prog="fdpg train",
                               description="Align a causal LM with f-divergence minimisation (f-DPG).")
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags override it).")
-    if known.config:
-        parser.set_defaults(**load_config_file(known.config))
-    (config,) = parser.parse_args_into_dataclasses(args=[*rest, *([] if known.config is None else [])],
-                                                   look_for_args_file=False)[:1]
+    from_file = load_config_file(known.config) if known.config else {}
+    parser.set_defaults(**from_file)
+    (config,) = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)[:1]
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    explicit = set(from_file) | {flag.lstrip("-").split("=")[0].replace("-", "_") for flag in rest
+                                 if flag.startswith("--")} & names
+    return apply_task_defaults(config, explicit)
+
+
+def apply_task_defaults(config: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """Settings the task suggests (e.g. forward KL for a binary constraint) where the user set none."""
+    import dataclasses
+
+    from tasks import get_task
+
+    suggested = {k: v for k, v in getattr(get_task(config.task), "defaults", {}).items()
+                 if k in {f.name for f in dataclasses.fields(TrainConfig)} and k not in explicit}
+    changed = {k: v for k, v in suggested.items() if getattr(config, k) != v}
+    if changed:
+        print(f"[fdpg] task {config.task!r} defaults: " + ", ".join(f"{k}={v}" for k, v in changed.items()),
+              file=sys.stderr)
+        config = dataclasses.replace(config, **changed)
     return config
 
 

@@ -163,3 +163,17 @@ def test_train_help_lists_the_settings(capsys) -> None:
     assert code == 0
     for flag in ("--divergence", "--beta", "--lora_r", "--resume", "--config", "--batch_size"):
         assert flag in out
+
+
+def test_task_defaults_apply_where_the_user_set_nothing(tmp_path) -> None:
+    from fdpg.cli import parse_train_args
+
+    config = parse_train_args(["--task", "lexical"])
+    assert config.divergence == "fkl"  # the task's suggestion for a binary constraint
+    config = parse_train_args(["--task", "lexical", "--divergence", "js"])
+    assert config.divergence == "js"  # an explicit flag wins
+    config = parse_train_args(["--task", "lexical", "--divergence=tv"])
+    assert config.divergence == "tv"
+    file = tmp_path / "c.yaml"
+    file.write_text("divergence: hellinger\n")
+    assert parse_train_args(["--task", "lexical", "--config", str(file)]).divergence == "hellinger"
