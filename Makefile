@@ -44,7 +44,7 @@ prepare-model: setup
 # The main job: f-DPG (reverse KL, beta 0.1) toward positive sentiment on the embedded SmolLM2-135M.
 demo: setup
 	$(VENV)/bin/fdpg train --task sentiment --divergence rkl --beta 0.1 --lora_r 8 --steps 40 \
-		--batch_size 16 --max_new_tokens 32 --output_dir runs/demo
+		--batch_size 16 --max_new_tokens 32 --learning_rate 3e-4 --output_dir runs/demo
 
 clean:
 	rm -rf $(VENV)

@@ -113,13 +113,29 @@ def cmd_train(argv: Sequence[str]) -> int:
     config = parse_train_args(argv)
     trainer = build_trainer(config)
     summary = trainer.train()
-    if trainer.is_main:
-        last = summary.get("last_metrics", {})
-        scores = ", ".join(f"{k.removeprefix('score/')}={v:.3f}" for k, v in last.items()
-                           if k.startswith("score/") and isinstance(v, float))
+    if trainer.is_main and trainer.run_dir is not None:
         print(f"[fdpg] {summary['status']} after {summary['steps_completed']}/{summary['steps']} steps "
-              f"in {summary['wall_time_s']:.0f} s; last batch: {scores}; run: {trainer.run_dir}")
+              f"in {summary['wall_time_s']:.0f} s; run: {trainer.run_dir}")
+        print(progress_report(trainer.run_dir / "metrics.jsonl"))
     return 0 if summary["status"] == "finished" else 130
+
+
+def progress_report(metrics_file: Path, window: int = 5) -> str:
+    """Task scores and KL(pi||a): mean of the first ``window`` logged steps -> mean of the last ``window``."""
+    import json
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    if not rows:
+        return "[fdpg] no step was logged"
+    keys = [k for k in rows[0] if k.startswith("score/")] + ["kl_pi_a"]
+    k = min(window, len(rows))
+
+    def mean(part: list[dict], key: str) -> float:
+        values = [r[key] for r in part if isinstance(r.get(key), (int, float))]
+        return sum(values) / len(values) if values else float("nan")
+
+    lines = [f"  {key:<28} {mean(rows[:k], key):8.3f} -> {mean(rows[-k:], key):8.3f}" for key in keys]
+    return f"[fdpg] mean of the first {k} steps -> mean of the last {k} steps:\n" + "\n".join(lines)
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
