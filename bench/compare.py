@@ -1,0 +1,74 @@
+"""fdpg's step against the lean floor, alternated step by step in one process (same machine state).
+
+Builds the fdpg trainer (bench/step.py) and the floor (bench/floor.py) on W (``--full``: W-full), runs
+``--warmup`` untimed steps of each, then ``--steps`` rounds of (fdpg step, floor step) — the order flips every
+round so neither always runs right after the other — and prints one JSON line with both medians, the ratio
+fdpg/floor (target <= 1.15), the per-round ratios and each side's phase medians. Peak RSS is not reported
+here (two models live in this process): see step.py / floor.py / peers.py.
+
+    python bench/compare.py [--full] [--steps 10] [--warmup 1] [--mixed_precision bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+from floor import Floor  # noqa: E402
+from step import FdpgStepper  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--mixed_precision", default="no", choices=["no", "bf16"],
+                    help="bf16: accelerate autocast in fdpg and torch.autocast in the floor")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--interop_threads", type=int, default=None)
+    ap.add_argument("--no_wait", action="store_true", help="start even if other processes keep the CPU busy")
+    args = ap.parse_args()
+    common.set_threads(args.threads, args.interop_threads)
+    if not args.no_wait and not getattr(args, "worker", None):
+        common.wait_quiet()
+    load0 = common.loadavg()
+    contention = common.Contention()
+    sides = {"fdpg": FdpgStepper(args.full, args.mixed_precision),
+             "floor": Floor(args.full, bf16=args.mixed_precision == "bf16")}
+    recs: dict[str, list[dict]] = {k: [] for k in sides}
+    ratios = []
+    for i in range(args.warmup + args.steps):
+        order = ["fdpg", "floor"] if i % 2 == 0 else ["floor", "fdpg"]
+        this = {}
+        for name in order:
+            c = common.Contention()
+            this[name] = sides[name](i)
+            this[name]["others"] = c.others_cores()
+        warm = i < args.warmup
+        common.log(f"[compare] round {i}{' (warm-up)' if warm else ''}: fdpg {this['fdpg']['time']:.2f} s, "
+                   f"floor {this['floor']['time']:.2f} s, other processes {this['fdpg']['others']}/"
+                   f"{this['floor']['others']} cores")
+        if not warm:
+            for name in sides:
+                recs[name].append(this[name])
+            ratios.append(this["fdpg"]["time"] / this["floor"]["time"])
+    out: dict = {"bench": "compare", "workload": "W-full" if args.full else "W",
+                 "mixed_precision": args.mixed_precision}
+    for name, rs in recs.items():
+        out[name] = {**common.summarise([r["time"] for r in rs], [r["tokens"] for r in rs]),
+                     "phases_s": common.phase_medians(rs)}
+    out["ratio_fdpg_over_floor"] = round(out["fdpg"]["s_per_step"] / out["floor"]["s_per_step"], 3)
+    out["ratio_per_round_median"] = round(common.median(ratios), 3)
+    out["ratios_per_round"] = [round(r, 3) for r in ratios]
+    out["others_busy_per_round"] = [max(a["others"], b["others"]) for a, b in zip(recs["fdpg"], recs["floor"])]
+    out.update(common.footer(contention, load0))
+    common.emit(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""fdpg against Hugging Face TRL's RLOOTrainer and GRPOTrainer on workload W (TRL: the ``bench`` extra).
+
+Every framework runs in its own subprocess (so each peak RSS is its own), and the parent alternates them:
+``--rounds`` rounds of (fdpg, RLOO, GRPO), each subprocess doing ``--warmup`` untimed and ``--steps`` timed
+optimisation steps; the order rotates every round. Prints one JSON line: per framework the median s/step
+over all its timed steps, completions/s, completion tokens/s, peak RSS (the largest over its subprocesses),
+and the ratios fdpg/TRL of completions/s.
+
+TRL settings (TRL 1.16, transformers 5.23): the same model object type (float32, loaded by
+``fdpg.models.load_causal_lm``), ``peft_config`` = the same LoRA (r 8, alpha 16, q_proj/v_proj, dropout 0), a
+``datasets.Dataset`` of the 16 raw prompts, reward = VADER compound as a Python function, beta 0.1,
+lr 1e-4 constant, AdamW without weight decay, max_grad_norm 1, 16 completions per optimisation step as
+4 prompts x 4 generations (``per_device_train_batch_size=16, num_generations=4,
+gradient_accumulation_steps=1`` so ``generation_batch_size=16``, one update per batch, ``num_iterations=1``),
+``max_completion_length=48``, pure sampling (``temperature=1, top_k=0, top_p=1``, the model's EOS), fp32
+(``bf16=False``), ``use_cpu=True``. TRL's default ``gradient_checkpointing=True`` is turned off
+(``--trl_gradient_checkpointing`` turns it back on): fdpg does not checkpoint, so both do the same
+arithmetic. Step time = ``on_step_begin`` to ``on_step_end`` of a TrainerCallback (generation, scoring,
+reference, forward/backward and optimizer step; the same span as fdpg's ``train_step``).
+
+    python bench/peers.py [--rounds 2] [--steps 5] [--warmup 1] [--frameworks fdpg,rloo,grpo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+from common import BATCH, BETA, LORA_ALPHA, LORA_R, LORA_TARGETS, LR, MAX_NEW_TOKENS, MODEL, PROMPTS  # noqa: E402
+
+GENERATIONS = 4
+
+
+def vader_reward(completions, **kwargs) -> list[float]:
+    from tasks.sentiment import vader_compound
+
+    return [float(x) for x in vader_compound(list(completions))]
+
+
+def run_trl(kind: str, steps: int, warmup: int, gradient_checkpointing: bool, full: bool) -> dict:
+    import time
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    from fdpg.models import load_causal_lm, load_tokenizer
+
+    if kind == "rloo":
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
+    else:
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.lengths, self.t0 = [], [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+            common.log(f"[peers] {kind} step {len(self.times) - 1}: {self.times[-1]:.2f} s, load {common.loadavg()}")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(float(logs["completions/mean_length"]))
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(MODEL)
+    model = load_causal_lm(MODEL, dtype=torch.float32)
+    peft_config = None if full else LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                               target_modules=LORA_TARGETS.split(","), task_type="CAUSAL_LM",
+                                               bias="none")
+    kw = dict(
+        output_dir=os.path.join(tempfile.mkdtemp(prefix="trl-bench-")), per_device_train_batch_size=BATCH,
+        num_generations=GENERATIONS, gradient_accumulation_steps=1, max_completion_length=MAX_NEW_TOKENS,
+        beta=BETA, learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+        temperature=1.0, top_k=0, top_p=1.0, num_iterations=1, bf16=False, fp16=False, use_cpu=True,
+        gradient_checkpointing=gradient_checkpointing, max_steps=warmup + steps, logging_steps=1,
+        save_strategy="no", report_to=[], disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    args = Config(**kw)
+    timer = Timer()
+    trainer = Trainer(model=model, reward_funcs=vader_reward, args=args,
+                      train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+                      callbacks=[timer], peft_config=peft_config)
+    trainer.train()
+    times = timer.times[warmup:]
+    lengths = timer.lengths[warmup:] if len(timer.lengths) >= len(timer.times) else timer.lengths
+    return {"times": times, "tokens": [round(x * BATCH) for x in lengths]}
+
+
+def run_fdpg(steps: int, warmup: int, full: bool) -> dict:
+    from step import FdpgStepper
+
+    stepper = FdpgStepper(full)
+    recs = common.timed_loop(stepper, warmup, steps)
+    return {"times": [r["time"] for r in recs], "tokens": [r["tokens"] for r in recs]}
+
+
+def worker(args) -> None:
+    if args.worker == "fdpg":
+        res = run_fdpg(args.steps, args.warmup, args.full)
+    else:
+        res = run_trl(args.worker, args.steps, args.warmup, args.trl_gradient_checkpointing, args.full)
+    res["peak_rss_mb"] = round(common.peak_rss_mb(), 1)
+    common.emit(res)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--frameworks", default="fdpg,rloo,grpo")
+    ap.add_argument("--full", action="store_true", help="W-full (TRL then keeps a separate reference model)")
+    ap.add_argument("--trl_gradient_checkpointing", action="store_true", help="TRL's default; off by default here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no_wait", action="store_true", help="start even if other processes keep the CPU busy")
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    names = [n.strip() for n in args.frameworks.split(",") if n.strip()]
+    if not args.no_wait and not getattr(args, "worker", None):
+        common.wait_quiet()
+    load0 = common.loadavg()
+    contention = common.Contention()
+    results: dict[str, dict] = {n: {"times": [], "tokens": [], "peak_rss_mb": 0.0} for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup)]
+            cmd += ["--full"] if args.full else []
+            cmd += ["--trl_gradient_checkpointing"] if args.trl_gradient_checkpointing else []
+            common.log(f"[peers] round {r}: {name}")
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if proc.returncode != 0:
+                raise SystemExit(f"{name} worker failed with exit code {proc.returncode}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[name]["times"] += res["times"]
+            results[name]["tokens"] += res["tokens"]
+            results[name]["peak_rss_mb"] = max(results[name]["peak_rss_mb"], res["peak_rss_mb"])
+    out: dict = {"bench": "peers", "workload": "W-full" if args.full else "W",
+                 "trl_gradient_checkpointing": args.trl_gradient_checkpointing}
+    for name, res in results.items():
+        out[name] = {**common.summarise(res["times"], res["tokens"]), "peak_rss_mb": res["peak_rss_mb"]}
+    if "fdpg" in out:
+        for peer in ("rloo", "grpo"):
+            if peer in out:
+                out[f"completions_per_s_fdpg_over_{peer}"] = round(
+                    out["fdpg"]["completions_per_s"] / out[peer]["completions_per_s"], 3)
+                out[f"peak_rss_fdpg_over_{peer}"] = round(out["fdpg"]["peak_rss_mb"] / out[peer]["peak_rss_mb"], 3)
+    try:
+        import trl
+
+        out["trl"] = trl.__version__
+    except ImportError:
+        pass
+    out.update(common.footer(contention, load0))
+    common.emit(out)
+
+
+if __name__ == "__main__":
+    main()

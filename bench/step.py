@@ -1,0 +1,96 @@
+"""fdpg's f-DPG step on workload W (``--full``: W-full), through the public API.
+
+Builds ``FDPGTrainer`` from a ``TrainConfig`` (batch 16, 1 sample per prompt, generation and micro batch 16,
+48 new tokens, LoRA r=8 alpha=16 on q_proj,v_proj, lr 1e-4, beta 0.1, reverse KL, VADER reward) and times
+``train_step`` after warm-up. Prints one JSON line: median s/step, completions/s, completion tokens/s, peak RSS
+and the median of each phase (the trainer's own ``time/*`` metrics).
+
+    python bench/step.py [--full] [--steps 10] [--warmup 2] [--mixed_precision bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+from common import BATCH, BETA, LORA_ALPHA, LORA_R, LORA_TARGETS, LR, MAX_NEW_TOKENS, MODEL, PROMPTS  # noqa: E402
+
+PHASES = ("time/generate", "time/score", "time/reference", "time/bookkeeping", "time/backward", "time/optimizer")
+
+
+def build_trainer(full: bool = False, mixed_precision: str = "no", seed: int = 0):
+    """The f-DPG trainer on W (or W-full) as a user would build it."""
+    import torch
+
+    from fdpg.config import TrainConfig
+    from fdpg.policy import LoraSettings, Policy
+    from fdpg.trainer import FDPGTrainer
+    from tasks import get_task
+
+    config = TrainConfig(
+        model=MODEL, task="sentiment", divergence="rkl", beta=BETA, steps=10_000, batch_size=BATCH,
+        samples_per_prompt=1, generation_batch_size=BATCH, micro_batch_size=BATCH, max_new_tokens=MAX_NEW_TOKENS,
+        lora_r=0 if full else LORA_R, lora_alpha=LORA_ALPHA, lora_target_modules=LORA_TARGETS, learning_rate=LR,
+        baseline="loo",  # one sample per prompt: the whole-batch leave-one-out baseline
+        mixed_precision=mixed_precision, seed=seed, progress=False, log_samples_every=0, save_every=10**9,
+        output_dir=os.path.join(tempfile.gettempdir(), "fdpg-bench-unused"),
+    )
+    spec = get_task("sentiment").build(config.beta, {}, PROMPTS)
+    torch.manual_seed(seed)
+    lora = None if full else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                          config.lora_target_modules)
+    policy = Policy.from_pretrained(config.model, lora=lora)
+    return FDPGTrainer(config, policy, spec.target, spec.scorer, spec.prompts, spec.metrics)
+
+
+class FdpgStepper:
+    """Callable ``step(i) -> {'time', 'tokens', phases...}`` around ``FDPGTrainer.train_step``."""
+
+    def __init__(self, full: bool = False, mixed_precision: str = "no"):
+        self.trainer = build_trainer(full, mixed_precision)
+        self.i = 0
+
+    def __call__(self, _: int) -> dict:
+        t = common.now()
+        m = self.trainer.train_step(self.i)
+        elapsed = common.now() - t
+        self.i += 1
+        rec = {"time": elapsed, "tokens": int(round(m["tokens_per_s"] * m["time/step"])),
+               "reward": m.get("score/reward")}
+        rec.update({k.removeprefix("time/"): m[k] for k in PHASES if k in m})
+        return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="W-full: full fine-tuning (frozen reference copy)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--mixed_precision", default="no", choices=["no", "bf16"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--interop_threads", type=int, default=None)
+    ap.add_argument("--no_wait", action="store_true", help="start even if other processes keep the CPU busy")
+    args = ap.parse_args()
+    common.set_threads(args.threads, args.interop_threads)
+    if not args.no_wait and not getattr(args, "worker", None):
+        common.wait_quiet()
+    load0 = common.loadavg()
+    contention = common.Contention()
+    stepper = FdpgStepper(args.full, args.mixed_precision)
+    recs = common.timed_loop(stepper, args.warmup, args.steps)
+    common.emit({
+        "bench": "step", "framework": "fdpg", "workload": "W-full" if args.full else "W",
+        "mixed_precision": args.mixed_precision,
+        **common.summarise([r["time"] for r in recs], [r["tokens"] for r in recs]),
+        "peak_rss_mb": round(common.peak_rss_mb(), 1), "phases_s": common.phase_medians(recs),
+        **common.footer(contention, load0),
+    })
+
+
+if __name__ == "__main__":
+    main()
