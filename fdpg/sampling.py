@@ -6,7 +6,9 @@ or top-p is an explicit option; the proposal :math:`q` is then the processed dis
 log-probabilities are recorded, and the trainer corrects with importance weights :math:`\pi/q`.
 
 Each call to ``generate`` is seeded (``seed``), so a run's samples depend on the seed, the step and
-the position of the chunk in the global batch, not on the number of processes.
+the position of the chunk in the global batch, not on the number of processes. The tokens are drawn, and
+their log-probabilities recorded, by a logits processor (:class:`DrawAndRecord`: one uniform per row and
+step, no per-step logits kept), not by ``generate``'s own sampler.
 
 A completion ends at its first end-of-sequence token, which it includes (the model chose to stop;
 that choice has a probability too); later positions are masked out.
@@ -14,12 +16,20 @@ that choice has a probability too); later positions are masked out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 @dataclass
@@ -140,15 +150,14 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: Sequence[int
     return (~ended_before).long()
 
 
-def pure_sampling_config(
-    max_new_tokens: int, pad_token_id: int, eos_ids: Sequence[int], temperature: float = 1.0, top_p: float = 1.0
-) -> GenerationConfig:
-    """A generation config that samples from the model's distribution and nothing else (top_k=0)."""
+def pure_sampling_config(max_new_tokens: int, pad_token_id: int, eos_ids: Sequence[int]) -> GenerationConfig:
+    """The ``generate`` config of :func:`sample_completions`: no processing of the model's distribution.
+
+    Decoding is "greedy" over the point mass that :class:`DrawAndRecord` (the only logits processor) returns,
+    so the token taken is the one it drew from the model's distribution (or the proposal's).
+    """
     return GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
+        do_sample=False,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
         min_new_tokens=0,
@@ -156,10 +165,62 @@ def pure_sampling_config(
         num_beams=1,
         pad_token_id=pad_token_id,
         eos_token_id=list(eos_ids),
-        return_dict_in_generate=True,
-        output_scores=True,
-        output_logits=True,
+        return_dict_in_generate=False,
     )
+
+
+def draw_by_inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``probs`` (``[B, V]``, rows summing to ~1), drawn exactly by inverse CDF.
+
+    One uniform per row from the current torch RNG, against the float64 cumulative sum.
+    """
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
+    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+
+
+class DrawAndRecord(LogitsProcessor):
+    r"""Draws each next token itself and records its log-probabilities; hands ``generate`` a point mass.
+
+    ``generate(do_sample=True)`` draws with ``torch.multinomial``, which on a CPU makes one exponential variate
+    per vocabulary entry (a sequential generator loop over B·V values, ~15 ms a step for 16 x 49k), and keeping
+    the per-step logits to score the tokens afterwards (``output_logits``) holds B·T·V floats. Instead this
+    processor (the last one, with ``do_sample=False``) turns the raw logits into :math:`\log\pi` and, when a
+    temperature or top-p is set, the proposal's :math:`\log q` (the same warpers ``generate`` would apply),
+    draws the token from :math:`q` by inverse CDF (one uniform per row), records both log-probabilities of
+    it, and returns 0 for that token and -inf elsewhere, so that greedy decoding takes exactly that token.
+    """
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0):
+        warpers = []
+        if temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p, min_tokens_to_keep=1))
+        self.warpers = LogitsProcessorList(warpers)
+        self.log_pi: list[torch.Tensor] = []
+        self.log_q: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float()
+        warped = self.warpers(input_ids, logits.clone()) if self.warpers else logits
+        tokens = draw_by_inverse_cdf(torch.softmax(warped, -1))[:, None]
+        self.log_pi.append(_chosen_log_prob(logits, tokens))
+        self.log_q.append(_chosen_log_prob(warped, tokens) if self.warpers else self.log_pi[-1])
+        return torch.full_like(scores, -math.inf).scatter_(-1, tokens, 0.0)
+
+    def recorded(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, steps]`` log pi and log q of the drawn tokens (steps beyond the recorded ones: 0)."""
+        def stack(xs: list[torch.Tensor]) -> torch.Tensor:
+            out = torch.stack(xs[:steps], dim=1)
+            return F.pad(out, (0, steps - out.shape[1]))
+        return stack(self.log_pi), stack(self.log_q)
+
+
+def _chosen_log_prob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[tokens]`` per row; masked-out (-inf) entries give 0, not NaN."""
+    log_probs = logits.gather(-1, tokens).squeeze(-1) - torch.logsumexp(logits, -1)
+    return torch.nan_to_num(log_probs, nan=0.0, neginf=0.0)
 
 
 def sample_completions(
@@ -175,31 +236,23 @@ def sample_completions(
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     eos = eos_token_ids(model, tokenizer)
-    config = pure_sampling_config(max_new_tokens, tokenizer.pad_token_id, eos, temperature, top_p)
+    config = pure_sampling_config(max_new_tokens, tokenizer.pad_token_id, eos)
+    draw = DrawAndRecord(temperature, top_p)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(seed)
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                   logits_processor=LogitsProcessorList([draw]))
     # Clone out of inference mode: these tensors later index the training forward pass.
-    completion_ids = out.sequences[:, prompt_ids.shape[1]:].clone()
+    completion_ids = sequences[:, prompt_ids.shape[1]:].clone()
     mask = completion_mask_from_eos(completion_ids, eos)
-    token_log_pi = _gather_step_log_probs(out.logits, completion_ids) * mask
+    token_log_pi, token_log_q = (x.clone() * mask for x in draw.recorded(completion_ids.shape[1]))
     if temperature == 1.0 and top_p == 1.0:
         token_log_q = token_log_pi
-    else:
-        token_log_q = _gather_step_log_probs(out.scores, completion_ids) * mask
     texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask),
                                    skip_special_tokens=True)
     return SampleBatch(list(prompts), prompt_ids, prompt_mask, completion_ids, mask, texts,
                        token_log_q.float(), token_log_pi.float())
-
-
-def _gather_step_log_probs(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    logits = torch.stack([x.clone() for x in step_logits], dim=1).float()  # [B, T, V]
-    chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    log_probs = chosen - torch.logsumexp(logits, -1)
-    # Masked-out positions (after EOS) may hold -inf scores; they are zeroed by the caller's mask.
-    return torch.nan_to_num(log_probs, nan=0.0, neginf=0.0)
 
 
 def completion_token_log_probs(model: torch.nn.Module, batch: SampleBatch) -> torch.Tensor:
