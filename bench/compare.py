@@ -7,6 +7,8 @@ fdpg/floor (target <= 1.15), the per-round ratios and each side's phase medians.
 here (two models live in this process): see step.py / floor.py / peers.py.
 
     python bench/compare.py [--full] [--steps 10] [--warmup 1] [--mixed_precision bf16]
+        [--floors generate,lean+tlin]   (several floor variants, each alternated with fdpg; the first one is
+                                          "floor", the reference of ratio_fdpg_over_floor)
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mixed_precision", default="no", choices=["no", "bf16"],
                     help="bf16: accelerate autocast in fdpg and torch.autocast in the floor")
+    ap.add_argument("--floors", default="lean+tlin",
+                    help="comma-separated floor variants (bench/floor.py --variant); the first is the reference")
+    ap.add_argument("--no_fdpg", action="store_true", help="alternate the floor variants only")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--interop_threads", type=int, default=None)
     ap.add_argument("--no_wait", action="store_true", help="start even if other processes keep the CPU busy")
@@ -38,34 +43,41 @@ def main() -> None:
         common.wait_quiet()
     load0 = common.loadavg()
     contention = common.Contention()
-    sides = {"fdpg": FdpgStepper(args.full, args.mixed_precision),
-             "floor": Floor(args.full, bf16=args.mixed_precision == "bf16")}
+    sides = {} if args.no_fdpg else {"fdpg": FdpgStepper(args.full, args.mixed_precision)}
+    variants = [v.strip() for v in args.floors.split(",") if v.strip()]
+    if args.mixed_precision == "bf16":
+        variants = [v if "bf16" in v.split("+") else v + "+bf16" for v in variants]
+    for j, v in enumerate(variants):
+        sides["floor" if j == 0 else f"floor:{v}"] = Floor(args.full, v)
+    names = list(sides)
     recs: dict[str, list[dict]] = {k: [] for k in sides}
     ratios = []
     for i in range(args.warmup + args.steps):
-        order = ["fdpg", "floor"] if i % 2 == 0 else ["floor", "fdpg"]
+        order = names[i % len(names):] + names[:i % len(names)]  # rotate: nobody always runs first
         this = {}
         for name in order:
             c = common.Contention()
             this[name] = sides[name](i)
             this[name]["others"] = c.others_cores()
         warm = i < args.warmup
-        common.log(f"[compare] round {i}{' (warm-up)' if warm else ''}: fdpg {this['fdpg']['time']:.2f} s, "
-                   f"floor {this['floor']['time']:.2f} s, other processes {this['fdpg']['others']}/"
-                   f"{this['floor']['others']} cores")
+        common.log(f"[compare] round {i}{' (warm-up)' if warm else ''}: "
+                   + ", ".join(f"{n} {this[n]['time']:.2f} s" for n in names)
+                   + f"; other processes {max(r['others'] for r in this.values())} cores")
         if not warm:
             for name in sides:
                 recs[name].append(this[name])
-            ratios.append(this["fdpg"]["time"] / this["floor"]["time"])
+            if "fdpg" in this:
+                ratios.append(this["fdpg"]["time"] / this["floor"]["time"])
     out: dict = {"bench": "compare", "workload": "W-full" if args.full else "W",
-                 "mixed_precision": args.mixed_precision}
+                 "mixed_precision": args.mixed_precision, "floor_variant": variants[0]}
     for name, rs in recs.items():
         out[name] = {**common.summarise([r["time"] for r in rs], [r["tokens"] for r in rs]),
                      "phases_s": common.phase_medians(rs)}
-    out["ratio_fdpg_over_floor"] = round(out["fdpg"]["s_per_step"] / out["floor"]["s_per_step"], 3)
-    out["ratio_per_round_median"] = round(common.median(ratios), 3)
-    out["ratios_per_round"] = [round(r, 3) for r in ratios]
-    out["others_busy_per_round"] = [max(a["others"], b["others"]) for a, b in zip(recs["fdpg"], recs["floor"])]
+    if "fdpg" in out:
+        out["ratio_fdpg_over_floor"] = round(out["fdpg"]["s_per_step"] / out["floor"]["s_per_step"], 3)
+        out["ratio_per_round_median"] = round(common.median(ratios), 3)
+        out["ratios_per_round"] = [round(r, 3) for r in ratios]
+    out["others_busy_per_round"] = [max(recs[n][k]["others"] for n in names) for k in range(args.steps)]
     out.update(common.footer(contention, load0))
     common.emit(out)
 

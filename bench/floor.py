@@ -13,7 +13,7 @@ One step, in a straight loop, with nothing but what the algorithm needs:
 5. :math:`\log P = \log a + r/\beta`, per-prompt running :math:`\log Z`, reverse-KL pseudo-reward
    :math:`R = -(\log\pi - \log p) - 1`, leave-one-out baseline, REINFORCE loss, Adam step.
 
-    python bench/floor.py [--full] [--steps 10] [--warmup 2] [--bf16]
+    python bench/floor.py [--full] [--steps 10] [--warmup 2] [--variant lean+tlin]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import argparse
 import math
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,11 +81,71 @@ def lean_generate(model, p_ids, p_mask, max_new_tokens, eos, pad, trim=False):
     return result
 
 
+@contextmanager
+def transposed_small_linears(model, max_rows: int = 64):
+    """While decoding, compute every ``nn.Linear`` on at most ``max_rows`` rows as ``(W @ x^T)^T``.
+
+    MKL's sgemm runs ``x @ W^T`` with few rows (16 while decoding) at ~90 GFLOP/s on this CPU and ~40 for the
+    49k-row LM head, but the same product as ``W @ x^T`` at ~135 and ~80 (bench/README.md): same arithmetic,
+    another operand layout. Inference only (the context restores the modules' own forward).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def make(mod):
+        def forward(x):
+            rows = x.numel() // x.shape[-1]
+            if rows > max_rows:
+                return F.linear(x, mod.weight, mod.bias)
+            y = torch.mm(mod.weight, x.reshape(rows, x.shape[-1]).t()).t()
+            if mod.bias is not None:
+                y = y + mod.bias
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return forward
+
+    mods = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    for m in mods:
+        m.forward = make(m)
+    try:
+        yield
+    finally:
+        for m in mods:
+            del m.forward
+
+
+def _token_log_prob_class():
+    import torch
+
+    class TokenLogProb(torch.autograd.Function):
+        """log_softmax(logits)[tokens]; backward builds g * (onehot - softmax) in one logits-sized buffer."""
+
+        @staticmethod
+        def forward(ctx, logits, tokens):
+            lse = torch.logsumexp(logits, -1)
+            ctx.save_for_backward(logits, lse, tokens)
+            return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+
+        @staticmethod
+        def backward(ctx, grad):
+            logits, lse, tokens = ctx.saved_tensors
+            g = (logits - lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+            return g.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1)), None
+
+    return TokenLogProb
+
+
+_TokenLogProb = _token_log_prob_class()
+
+
 class Floor:
     """``step(i) -> {'time', 'tokens', phases...}``: one lean f-DPG step on W (or W-full)."""
 
-    def __init__(self, full: bool = False, bf16: bool = False, seed: int = 0, sampler: str = "generate",
-                 trim: bool = False):
+    VARIANTS = ("generate", "lean", "trim", "tlin", "bf16", "bf16gen")
+
+    def __init__(self, full: bool = False, variant: str = "generate", seed: int = 0):
+        """``variant``: '+'-joined options. ``generate``: HF generate (torch.multinomial); ``lean``: the plain
+        KV-cache loop with inverse-CDF draws; ``trim``: the lean loop drops ended rows; ``tlin``: decode with
+        transposed small linears; ``bf16``: bf16 autocast in every phase; ``bf16gen``: in generation only."""
         import copy
 
         import torch
@@ -111,8 +171,14 @@ class Floor:
         self.opt = torch.optim.Adam(self.params, lr=LR)
         self.eos = self.tok.eos_token_id
         self.pad = self.tok.pad_token_id
-        self.bf16 = bf16
-        self.sampler, self.trim = sampler, trim
+        opts = set(variant.split("+"))
+        unknown = opts - set(self.VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown floor variant options {sorted(unknown)}; choose from {self.VARIANTS}")
+        self.variant = variant
+        self.sampler = "lean" if opts & {"lean", "trim"} else "generate"
+        self.trim, self.tlin = "trim" in opts, "tlin" in opts
+        self.bf16, self.bf16_gen = "bf16" in opts, bool(opts & {"bf16", "bf16gen"})
         self.log_z: dict[str, float] = {}  # running log-mean-exp of log P - log q per prompt
         self.n_z: dict[str, int] = {}
         from tasks.sentiment import vader_compound
@@ -120,15 +186,15 @@ class Floor:
         self.reward_fn = vader_compound
         self.rng = __import__("random").Random(seed)
 
-    def _autocast(self):
-        return self.torch.autocast("cpu", dtype=self.torch.bfloat16) if self.bf16 else nullcontext()
+    def _autocast(self, on: bool | None = None):
+        on = self.bf16 if on is None else on
+        return self.torch.autocast("cpu", dtype=self.torch.bfloat16) if on else nullcontext()
 
     def _token_log_probs(self, model, ids, mask, pos, comp, comp_mask):
         t = comp.shape[1]
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=t + 1,
                        use_cache=False).logits[:, :-1].float()
-        chosen = logits.gather(-1, comp.unsqueeze(-1)).squeeze(-1)
-        return (chosen - logits.logsumexp(-1)) * comp_mask
+        return _TokenLogProb.apply(logits, comp) * comp_mask
 
     def __call__(self, i: int) -> dict:
         torch = self.torch
@@ -137,7 +203,8 @@ class Floor:
         prompts = self.rng.sample(PROMPTS, BATCH) if len(PROMPTS) >= BATCH else self.rng.choices(PROMPTS, k=BATCH)
         enc = self.tok(prompts, return_tensors="pt", padding=True)
         p_ids, p_mask = enc["input_ids"], enc["attention_mask"]
-        with torch.inference_mode(), self._autocast():
+        tlin = transposed_small_linears(self.model) if self.tlin else nullcontext()
+        with torch.inference_mode(), self._autocast(self.bf16_gen), tlin:
             if self.sampler == "lean":
                 comp = lean_generate(self.model, p_ids, p_mask, MAX_NEW_TOKENS, self.eos, self.pad, self.trim)
             else:
@@ -203,10 +270,8 @@ def main() -> None:
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with avx512_bf16/AMX)")
-    ap.add_argument("--sampler", default="generate", choices=["generate", "lean"],
-                    help="generate: HF generate (torch.multinomial); lean: a plain KV-cache loop, inverse-CDF draws")
-    ap.add_argument("--trim", action="store_true", help="lean sampler: drop ended rows from the batch")
+    ap.add_argument("--variant", default="generate",
+                    help="'+'-joined: generate | lean | trim | tlin | bf16 | bf16gen (see Floor.__init__)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--interop_threads", type=int, default=None)
     ap.add_argument("--no_wait", action="store_true", help="start even if other processes keep the CPU busy")
@@ -216,11 +281,11 @@ def main() -> None:
         common.wait_quiet()
     load0 = common.loadavg()
     contention = common.Contention()
-    floor = Floor(args.full, args.bf16, sampler=args.sampler, trim=args.trim)
+    floor = Floor(args.full, args.variant)
     recs = common.timed_loop(floor, args.warmup, args.steps)
     common.emit({
-        "bench": "floor", "framework": "floor", "workload": "W-full" if args.full else "W", "bf16": args.bf16,
-        "sampler": args.sampler, "trim": args.trim,
+        "bench": "floor", "framework": "floor", "workload": "W-full" if args.full else "W",
+        "variant": args.variant,
         **common.summarise([r["time"] for r in recs], [r["tokens"] for r in recs]),
         "peak_rss_mb": round(common.peak_rss_mb(), 1), "phases_s": common.phase_medians(recs),
         **common.footer(contention, load0),
