@@ -138,19 +138,27 @@ def fit_lambdas(
     lam = result.x
     logits = lw + matrix @ lam
     probs = np.exp(logits - logsumexp(logits))
-    achieved = probs @ matrix
-    ess = float(1.0 / np.sum(probs**2))
+    return checked_fit(names, lam, mu, probs, matrix, int(result.nit), str(result.message), tol)
+
+
+def checked_fit(names: Sequence[str], lambdas: np.ndarray, target: np.ndarray, probs: np.ndarray,
+                matrix: np.ndarray, iterations: int, message: str, tol: float) -> MomentFit:
+    """The :class:`MomentFit` of a solved dual (``probs``: final weights of the samples, summing to 1).
+
+    Raises :class:`UnreachableMomentError` when the achieved moments miss the target by more than ``tol``.
+    Shared by every solver of the dual (e.g. the per-prompt normalised fit of conditional tasks).
+    """
     fit = MomentFit(
-        lambdas={k: float(v) for k, v in zip(names, lam)},
-        target_moments={k: float(v) for k, v in zip(names, mu)},
-        achieved_moments={k: float(v) for k, v in zip(names, achieved)},
-        ess=ess,
-        n=n,
-        iterations=int(result.nit),
+        lambdas={k: float(v) for k, v in zip(names, lambdas)},
+        target_moments={k: float(v) for k, v in zip(names, target)},
+        achieved_moments={k: float(v) for k, v in zip(names, probs @ matrix)},
+        ess=float(1.0 / np.sum(probs**2)),
+        n=int(matrix.shape[0]),
+        iterations=iterations,
     )
     if fit.max_error > tol:
         raise UnreachableMomentError(
-            f"lambda fitting stopped {fit.max_error:.3g} away from the target moments ({result.message}).\n"
+            f"lambda fitting stopped {fit.max_error:.3g} away from the target moments ({message}).\n"
             f"{fit.report()}\nThe moments may be jointly unreachable from these samples; draw more samples."
         )
     return fit

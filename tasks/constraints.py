@@ -44,6 +44,7 @@ from scipy.special import logsumexp
 
 from objectives import MomentFit, UnreachableMomentError, exponential_family, fit_lambdas
 from objectives.errors import ScoreError
+from objectives.moments import checked_fit
 from tasks.base import FitHook, SampleFn, Scorer, TargetFit, TaskSpec, features_to_tensors
 
 if TYPE_CHECKING:
@@ -148,21 +149,7 @@ def fit_moments(
     result = minimize(objective, np.zeros(len(names)), jac=True, hess=hessian, method="trust-exact",
                       options={"gtol": tol * 1e-2, "maxiter": 1000})
     _, probs = group_probs(result.x)
-    achieved = probs @ matrix
-    fit = MomentFit(
-        lambdas={k: float(v) for k, v in zip(names, result.x)},
-        target_moments={k: float(v) for k, v in zip(names, mu)},
-        achieved_moments={k: float(v) for k, v in zip(names, achieved)},
-        ess=float(1.0 / np.sum(probs**2)),
-        n=n,
-        iterations=int(result.nit),
-    )
-    if fit.max_error > tol:
-        raise UnreachableMomentError(
-            f"lambda fitting stopped {fit.max_error:.3g} away from the target moments ({result.message}).\n"
-            f"{fit.report()}\nThe moments may be jointly unreachable from these samples; draw more samples."
-        )
-    return fit
+    return checked_fit(names, result.x, mu, probs, matrix, int(result.nit), str(result.message), tol)
 
 
 def moment_fit_hook(
