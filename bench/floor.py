@@ -145,7 +145,8 @@ class Floor:
     def __init__(self, full: bool = False, variant: str = "generate", seed: int = 0):
         """``variant``: '+'-joined options. ``generate``: HF generate (torch.multinomial); ``lean``: the plain
         KV-cache loop with inverse-CDF draws; ``trim``: the lean loop drops ended rows; ``tlin``: decode with
-        transposed small linears; ``bf16``: bf16 autocast in every phase; ``bf16gen``: in generation only."""
+        transposed small linears; ``bf16``: bf16 autocast in the reference and training passes (what fdpg's
+        ``--mixed_precision bf16`` does); ``bf16gen``: bf16 autocast in generation too."""
         import copy
 
         import torch
@@ -178,7 +179,7 @@ class Floor:
         self.variant = variant
         self.sampler = "lean" if opts & {"lean", "trim"} else "generate"
         self.trim, self.tlin = "trim" in opts, "tlin" in opts
-        self.bf16, self.bf16_gen = "bf16" in opts, bool(opts & {"bf16", "bf16gen"})
+        self.bf16, self.bf16_gen = "bf16" in opts, "bf16gen" in opts
         self.log_z: dict[str, float] = {}  # running log-mean-exp of log P - log q per prompt
         self.n_z: dict[str, int] = {}
         from tasks.sentiment import vader_compound
