@@ -143,6 +143,14 @@ def summarise(times: Sequence[float], tokens: Sequence[int], completions: int = 
 NOT_PHASES = {"time", "tokens", "reward", "others"}
 
 
+QUIET = 0.2  # other processes' cores above which a timed step counts as taken under load
+
+
+def quiet(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of steps during which other processes used less than QUIET cores."""
+    return [r for r in records if r.get("others", 0.0) < QUIET]
+
+
 def phase_medians(records: Sequence[dict[str, float]]) -> dict[str, float]:
     """Median of every phase time in step records (keys other than NOT_PHASES)."""
     phases = [{k: v for k, v in r.items() if k not in NOT_PHASES} for r in records]

@@ -28,10 +28,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--mixed_precision", default="no", choices=["no", "bf16"],
                     help="bf16: accelerate autocast in fdpg and torch.autocast in the floor")
-    ap.add_argument("--floors", default="lean+tlin",
+    ap.add_argument("--floors", default="lean,generate",
                     help="comma-separated floor variants (bench/floor.py --variant); the first is the reference")
     ap.add_argument("--no_fdpg", action="store_true", help="alternate the floor variants only")
     ap.add_argument("--threads", type=int, default=None)
@@ -70,14 +70,18 @@ def main() -> None:
                 ratios.append(this["fdpg"]["time"] / this["floor"]["time"])
     out: dict = {"bench": "compare", "workload": "W-full" if args.full else "W",
                  "mixed_precision": args.mixed_precision, "floor_variant": variants[0]}
+    busy = [max(recs[n][k]["others"] for n in names) for k in range(args.steps)]
+    calm = [k for k in range(args.steps) if busy[k] < common.QUIET] or list(range(args.steps))
+    out["rounds_quiet"] = f"{len(calm)}/{args.steps}"  # medians below are over these rounds only
     for name, rs in recs.items():
+        rs = [rs[k] for k in calm]
         out[name] = {**common.summarise([r["time"] for r in rs], [r["tokens"] for r in rs]),
                      "phases_s": common.phase_medians(rs)}
     if "fdpg" in out:
         out["ratio_fdpg_over_floor"] = round(out["fdpg"]["s_per_step"] / out["floor"]["s_per_step"], 3)
-        out["ratio_per_round_median"] = round(common.median(ratios), 3)
+        out["ratio_per_round_median"] = round(common.median([ratios[k] for k in calm]), 3)
         out["ratios_per_round"] = [round(r, 3) for r in ratios]
-    out["others_busy_per_round"] = [max(recs[n][k]["others"] for n in names) for k in range(args.steps)]
+    out["others_busy_per_round"] = busy
     out.update(common.footer(contention, load0))
     common.emit(out)
 

@@ -284,11 +284,13 @@ def main() -> None:
     contention = common.Contention()
     floor = Floor(args.full, args.variant)
     recs = common.timed_loop(floor, args.warmup, args.steps)
+    calm = common.quiet(recs) or recs
     common.emit({
         "bench": "floor", "framework": "floor", "workload": "W-full" if args.full else "W",
         "variant": args.variant,
-        **common.summarise([r["time"] for r in recs], [r["tokens"] for r in recs]),
-        "peak_rss_mb": round(common.peak_rss_mb(), 1), "phases_s": common.phase_medians(recs),
+        "steps_quiet": f"{len(common.quiet(recs))}/{len(recs)}",  # medians over the quiet steps (all if none)
+        **common.summarise([r["time"] for r in calm], [r["tokens"] for r in calm]),
+        "peak_rss_mb": round(common.peak_rss_mb(), 1), "phases_s": common.phase_medians(calm),
         **common.footer(contention, load0),
     })
 

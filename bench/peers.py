@@ -13,12 +13,13 @@ lr 1e-4 constant, AdamW without weight decay, max_grad_norm 1, 16 completions pe
 4 prompts x 4 generations (``per_device_train_batch_size=16, num_generations=4,
 gradient_accumulation_steps=1`` so ``generation_batch_size=16``, one update per batch, ``num_iterations=1``),
 ``max_completion_length=48``, pure sampling (``temperature=1, top_k=0, top_p=1``, the model's EOS), fp32
-(``bf16=False``), ``use_cpu=True``. TRL's default ``gradient_checkpointing=True`` is turned off
-(``--trl_gradient_checkpointing`` turns it back on): fdpg does not checkpoint, so both do the same
-arithmetic. Step time = ``on_step_begin`` to ``on_step_end`` of a TrainerCallback (generation, scoring,
+(``bf16=False``), ``use_cpu=True``. Each TRL trainer runs twice: as shipped (``rloo``, ``grpo``: TRL's
+default ``gradient_checkpointing=True``, less memory, one more forward pass) and without checkpointing
+(``rloo-nogc``, ``grpo-nogc``: the same arithmetic as fdpg, which does not checkpoint). Step time =
+``on_step_begin`` to ``on_step_end`` of a TrainerCallback (generation, scoring,
 reference, forward/backward and optimizer step; the same span as fdpg's ``train_step``).
 
-    python bench/peers.py [--rounds 2] [--steps 5] [--warmup 1] [--frameworks fdpg,rloo,grpo]
+    python bench/peers.py [--rounds 2] [--steps 5] [--warmup 1] [--frameworks fdpg,rloo,rloo-nogc,grpo,grpo-nogc]
 """
 
 from __future__ import annotations
@@ -63,14 +64,17 @@ def run_trl(kind: str, steps: int, warmup: int, gradient_checkpointing: bool, fu
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times, self.lengths, self.t0 = [], [], None
+            self.times, self.lengths, self.others, self.t0, self.c = [], [], [], None, None
 
         def on_step_begin(self, args, state, control, **kw):
+            self.c = common.Contention()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             self.times.append(time.perf_counter() - self.t0)
-            common.log(f"[peers] {kind} step {len(self.times) - 1}: {self.times[-1]:.2f} s, load {common.loadavg()}")
+            self.others.append(self.c.others_cores())
+            common.log(f"[peers] {kind} step {len(self.times) - 1}: {self.times[-1]:.2f} s, "
+                       f"other processes {self.others[-1]} cores")
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:
@@ -98,7 +102,7 @@ def run_trl(kind: str, steps: int, warmup: int, gradient_checkpointing: bool, fu
     trainer.train()
     times = timer.times[warmup:]
     lengths = timer.lengths[warmup:] if len(timer.lengths) >= len(timer.times) else timer.lengths
-    return {"times": times, "tokens": [round(x * BATCH) for x in lengths]}
+    return {"times": times, "tokens": [round(x * BATCH) for x in lengths], "others": timer.others[warmup:]}
 
 
 def run_fdpg(steps: int, warmup: int, full: bool) -> dict:
@@ -106,14 +110,16 @@ def run_fdpg(steps: int, warmup: int, full: bool) -> dict:
 
     stepper = FdpgStepper(full)
     recs = common.timed_loop(stepper, warmup, steps)
-    return {"times": [r["time"] for r in recs], "tokens": [r["tokens"] for r in recs]}
+    return {"times": [r["time"] for r in recs], "tokens": [r["tokens"] for r in recs],
+            "others": [r["others"] for r in recs]}
 
 
 def worker(args) -> None:
     if args.worker == "fdpg":
         res = run_fdpg(args.steps, args.warmup, args.full)
     else:
-        res = run_trl(args.worker, args.steps, args.warmup, args.trl_gradient_checkpointing, args.full)
+        kind, _, variant = args.worker.partition("-")
+        res = run_trl(kind, args.steps, args.warmup, variant != "nogc", args.full)
     res["peak_rss_mb"] = round(common.peak_rss_mb(), 1)
     common.emit(res)
 
@@ -123,9 +129,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--frameworks", default="fdpg,rloo,grpo")
+    ap.add_argument("--frameworks", default="fdpg,rloo,rloo-nogc,grpo,grpo-nogc")
     ap.add_argument("--full", action="store_true", help="W-full (TRL then keeps a separate reference model)")
-    ap.add_argument("--trl_gradient_checkpointing", action="store_true", help="TRL's default; off by default here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no_wait", action="store_true", help="start even if other processes keep the CPU busy")
     args = ap.parse_args()
@@ -137,14 +142,13 @@ def main() -> None:
         common.wait_quiet()
     load0 = common.loadavg()
     contention = common.Contention()
-    results: dict[str, dict] = {n: {"times": [], "tokens": [], "peak_rss_mb": 0.0} for n in names}
+    results: dict[str, dict] = {n: {"times": [], "tokens": [], "others": [], "peak_rss_mb": 0.0} for n in names}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
                    "--warmup", str(args.warmup)]
             cmd += ["--full"] if args.full else []
-            cmd += ["--trl_gradient_checkpointing"] if args.trl_gradient_checkpointing else []
             common.log(f"[peers] round {r}: {name}")
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if proc.returncode != 0:
@@ -152,13 +156,16 @@ def main() -> None:
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             results[name]["times"] += res["times"]
             results[name]["tokens"] += res["tokens"]
+            results[name]["others"] += res["others"]
             results[name]["peak_rss_mb"] = max(results[name]["peak_rss_mb"], res["peak_rss_mb"])
-    out: dict = {"bench": "peers", "workload": "W-full" if args.full else "W",
-                 "trl_gradient_checkpointing": args.trl_gradient_checkpointing}
+    out: dict = {"bench": "peers", "workload": "W-full" if args.full else "W"}
     for name, res in results.items():
-        out[name] = {**common.summarise(res["times"], res["tokens"]), "peak_rss_mb": res["peak_rss_mb"]}
+        calm = [k for k, o in enumerate(res["others"]) if o < common.QUIET] or list(range(len(res["times"])))
+        out[name] = {"steps_quiet": f"{len(calm)}/{len(res['times'])}",  # medians over the quiet steps
+                     **common.summarise([res["times"][k] for k in calm], [res["tokens"][k] for k in calm]),
+                     "peak_rss_mb": res["peak_rss_mb"]}
     if "fdpg" in out:
-        for peer in ("rloo", "grpo"):
+        for peer in ("rloo", "rloo-nogc", "grpo", "grpo-nogc"):
             if peer in out:
                 out[f"completions_per_s_fdpg_over_{peer}"] = round(
                     out["fdpg"]["completions_per_s"] / out[peer]["completions_per_s"], 3)

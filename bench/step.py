@@ -83,11 +83,13 @@ def main() -> None:
     contention = common.Contention()
     stepper = FdpgStepper(args.full, args.mixed_precision)
     recs = common.timed_loop(stepper, args.warmup, args.steps)
+    calm = common.quiet(recs) or recs
     common.emit({
         "bench": "step", "framework": "fdpg", "workload": "W-full" if args.full else "W",
         "mixed_precision": args.mixed_precision,
-        **common.summarise([r["time"] for r in recs], [r["tokens"] for r in recs]),
-        "peak_rss_mb": round(common.peak_rss_mb(), 1), "phases_s": common.phase_medians(recs),
+        "steps_quiet": f"{len(common.quiet(recs))}/{len(recs)}",  # medians over the quiet steps (all if none)
+        **common.summarise([r["time"] for r in calm], [r["tokens"] for r in calm]),
+        "peak_rss_mb": round(common.peak_rss_mb(), 1), "phases_s": common.phase_medians(calm),
         **common.footer(contention, load0),
     })
 
