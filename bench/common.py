@@ -92,6 +92,15 @@ class Contention:
 
     def __init__(self) -> None:
         self.t, self.busy, self.own = time.perf_counter(), _machine_busy_s(), _own_cpu_s()
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        self.user, self.sys = r.ru_utime, r.ru_stime
+
+    def own_split(self) -> dict[str, float]:
+        """This process's user and kernel CPU seconds per wall second since the start (kernel: page faults...)."""
+        wall = time.perf_counter() - self.t
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return {"own_user_cores": round((r.ru_utime - self.user) / wall, 2),
+                "own_sys_cores": round((r.ru_stime - self.sys) / wall, 2)}
 
     def others_cores(self) -> float:
         wall = time.perf_counter() - self.t
@@ -116,8 +125,8 @@ def wait_quiet(threshold: float = 0.3, probe_s: float = 5.0, max_wait_s: float =
 
 def footer(contention: Contention, load_start: float) -> dict[str, Any]:
     """The fields every result line ends with: contention, load averages, machine."""
-    return {"others_busy_cores": contention.others_cores(), "load_start": load_start, "load_end": loadavg(),
-            **machine()}
+    return {"others_busy_cores": contention.others_cores(), **contention.own_split(), "load_start": load_start,
+            "load_end": loadavg(), **machine()}
 
 
 def machine() -> dict[str, Any]:
