@@ -1,6 +1,6 @@
 """fdpg's f-DPG step on workload W (``--full``: W-full), through the public API.
 
-Builds ``FDPGTrainer`` from a ``TrainConfig`` (batch 16, 1 sample per prompt, generation and micro batch 16,
+Builds ``FDPGTrainer`` from a ``TrainConfig`` (batch 16, 1 sample per prompt, generation batch 16, micro batch 8,
 48 new tokens, LoRA r=8 alpha=16 on q_proj,v_proj, lr 1e-4, beta 0.1, reverse KL, VADER reward) and times
 ``train_step`` after warm-up. Prints one JSON line: median s/step, completions/s, completion tokens/s, peak RSS
 and the median of each phase (the trainer's own ``time/*`` metrics).
@@ -34,7 +34,7 @@ def build_trainer(full: bool = False, mixed_precision: str = "no", seed: int = 0
 
     config = TrainConfig(
         model=MODEL, task="sentiment", divergence="rkl", beta=BETA, steps=10_000, batch_size=BATCH,
-        samples_per_prompt=1, generation_batch_size=BATCH, micro_batch_size=BATCH, max_new_tokens=MAX_NEW_TOKENS,
+        samples_per_prompt=1, generation_batch_size=BATCH, max_new_tokens=MAX_NEW_TOKENS,  # micro batch 8: the default
         lora_r=0 if full else LORA_R, lora_alpha=LORA_ALPHA, lora_target_modules=LORA_TARGETS, learning_rate=LR,
         baseline="loo",  # one sample per prompt: the whole-batch leave-one-out baseline
         mixed_precision=mixed_precision, seed=seed, progress=False, log_samples_every=0, save_every=10**9,

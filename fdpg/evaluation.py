@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fdpg.log_probs import completion_token_log_probs
 from fdpg.metrics import distinct_n
-from fdpg.sampling import SampleBatch, completion_token_log_probs, sample_completions
+from fdpg.sampling import SampleBatch, sample_completions
 from fdpg.scores import checked_features
 
 BaseSampler = Callable[[int], tuple[list[str], list[str]]]

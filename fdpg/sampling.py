@@ -1,4 +1,4 @@
-r"""Sampling completions and computing their per-token log-probabilities.
+r"""Sampling completions and recording their per-token log-probabilities (the scoring pass: ``fdpg.log_probs``).
 
 By default sampling is *pure ancestral sampling* (temperature 1, no top-k, no top-p, no repetition
 penalty), so the samples really come from :math:`\pi_\theta` and :math:`q = \pi_\theta`. A temperature
@@ -253,45 +253,3 @@ def sample_completions(
                                    skip_special_tokens=True)
     return SampleBatch(list(prompts), prompt_ids, prompt_mask, completion_ids, mask, texts,
                        token_log_q.float(), token_log_pi.float())
-
-
-def completion_token_log_probs(model: torch.nn.Module, batch: SampleBatch) -> torch.Tensor:
-    r"""``[B, T]`` log-probabilities of the completion tokens under ``model`` (0 where masked).
-
-    One forward pass over prompt + completion with explicit position ids (so left padding does not
-    shift positions), computing the LM head only on the ``T`` positions that predict completion tokens
-    (``logits_to_keep`` as an index tensor: the kept hidden states are then gathered into a contiguous
-    tensor, so the LM head is one matrix product; an integer ``logits_to_keep`` slices them into a strided
-    view, which ``F.linear`` runs as a batched product over the rows, ~3x slower on CPU).
-    Keeps the autograd graph unless called under ``torch.no_grad``/``inference_mode``.
-    """
-    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
-    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    length, t = input_ids.shape[1], batch.completion_ids.shape[1]
-    keep = torch.arange(length - t - 1, length - 1, device=input_ids.device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=keep, use_cache=False)
-    return TokenLogProb.apply(out.logits.float(), batch.completion_ids) * batch.completion_mask
-
-
-class TokenLogProb(torch.autograd.Function):
-    r"""``log_softmax(logits)[..., tokens]`` whose backward allocates one ``[B, T, V]`` tensor, not four.
-
-    Autograd of ``gather - logsumexp`` would make ``exp(x - lse)``, its product with the gradient, a zero
-    tensor scattered for ``gather`` and their sum, each the size of the logits (151 MB for 16 x 48 tokens of a
-    49k vocabulary); here the gradient :math:`g\,(\mathbb 1_{\text{token}} - \text{softmax})` is built in place.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        lse = torch.logsumexp(logits, -1)
-        ctx.save_for_backward(logits, lse, tokens)
-        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        logits, lse, tokens = ctx.saved_tensors
-        g = (logits - lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
-        g.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
-        return g, None

@@ -34,10 +34,11 @@ from transformers import get_scheduler
 
 from fdpg.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fdpg.config import TrainConfig, incompatible_settings
+from fdpg.log_probs import completion_token_log_probs
 from fdpg.metrics import batch_metrics
 from fdpg.policy import Policy
 from fdpg.run_log import RunLog
-from fdpg.sampling import SampleBatch, completion_token_log_probs, sample_completions
+from fdpg.sampling import SampleBatch, sample_completions
 from fdpg.scores import checked_features
 from objectives import (
     LogZEstimator,

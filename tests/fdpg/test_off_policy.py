@@ -9,7 +9,7 @@ import pytest
 import torch
 from fdpg_testing import assert_same_metrics, build_trainer, read_jsonl, trainable_state
 
-from fdpg.sampling import completion_token_log_probs
+from fdpg.log_probs import completion_token_log_probs
 
 
 def test_samples_come_from_the_frozen_proposal_and_are_reweighted(make_trainer) -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fdpg.log_probs import completion_token_log_probs
 from fdpg.models import load_causal_lm, load_tokenizer
 from fdpg.sampling import (
     SampleBatch,
     completion_mask_from_eos,
-    completion_token_log_probs,
     encode_prompts,
     sample_completions,
 )
@@ -161,13 +161,3 @@ def test_temperature_records_the_proposal_log_q(fixture: str, request: pytest.Fi
     log_pi = torch.log_softmax(step_logits, -1).gather(-1, tokens).squeeze(-1) * mask
     torch.testing.assert_close(batch.token_log_q, log_q, atol=1e-4, rtol=0)
     torch.testing.assert_close(batch.token_log_pi, log_pi, atol=1e-4, rtol=0)
-
-
-def test_token_log_prob_gradient_matches_autograd() -> None:
-    from fdpg.sampling import TokenLogProb
-
-    logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
-    tokens = torch.randint(0, 7, (2, 3))
-    assert torch.autograd.gradcheck(lambda x: TokenLogProb.apply(x, tokens), (logits,))
-    reference = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(TokenLogProb.apply(logits, tokens), reference)

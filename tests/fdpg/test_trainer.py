@@ -11,8 +11,9 @@ import torch
 from fdpg_testing import REQUIRED_METRICS, read_jsonl, toy_scorer, trainable_state
 from safetensors.torch import load_file
 
+from fdpg.log_probs import completion_token_log_probs
 from fdpg.models import load_causal_lm
-from fdpg.sampling import completion_token_log_probs, sample_completions
+from fdpg.sampling import sample_completions
 from objectives import ZeroTargetError, binary_constraint, rl_with_kl
 
 
