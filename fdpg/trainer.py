@@ -187,10 +187,12 @@ class FDPGTrainer:
         if self.proposal is not None:
             self._swap_params(self.proposal)
         try:
-            for lo in range(start, start + self.local_batch, self.chunk):
-                chunks.append(sample_completions(
-                    model, self.policy.tokenizer, prompts[lo:lo + self.chunk], cfg.max_new_tokens,
-                    seed=_seed_for(cfg.seed, step, 2, lo), temperature=cfg.temperature, top_p=cfg.top_p))
+            # Under --mixed_precision the samples come from the same (autocast) pi as the training pass.
+            with self.accelerator.autocast():
+                for lo in range(start, start + self.local_batch, self.chunk):
+                    chunks.append(sample_completions(
+                        model, self.policy.tokenizer, prompts[lo:lo + self.chunk], cfg.max_new_tokens,
+                        seed=_seed_for(cfg.seed, step, 2, lo), temperature=cfg.temperature, top_p=cfg.top_p))
         finally:
             if self.proposal is not None:
                 self._swap_params(self.proposal)

@@ -176,3 +176,20 @@ def test_gpt2_with_lora_on_its_attention(make_trainer, tiny_gpt2_dir: Path) -> N
 def test_lora_target_modules_that_do_not_exist_name_the_real_layers(make_trainer) -> None:
     with pytest.raises(ValueError, match=r"--lora_target_modules 'c_attn'.*q_proj"):
         make_trainer(lora_r=4, lora_target_modules="c_attn")
+
+
+def test_bf16_mixed_precision_samples_from_the_policy_it_trains(make_trainer) -> None:
+    """Under --mixed_precision bf16 generation runs under the same autocast as the scoring and training passes,
+    so the recorded log pi is that of the bf16 policy (not of the fp32 one) and a step trains."""
+    trainer = make_trainer(mixed_precision="bf16", lora_r=4, max_new_tokens=16)
+    batch = trainer.sample(0)
+    model, mask = trainer._unwrapped(), batch.completion_mask.bool()
+    with torch.inference_mode():
+        with trainer.accelerator.autocast():
+            bf16 = completion_token_log_probs(model, batch)
+        fp32 = completion_token_log_probs(model, batch)
+    off_bf16 = float((batch.token_log_pi - bf16)[mask].abs().mean())
+    off_fp32 = float((batch.token_log_pi - fp32)[mask].abs().mean())
+    assert off_bf16 < 0.5 * off_fp32, (off_bf16, off_fp32)
+    metrics = trainer.train_step(0)
+    assert math.isfinite(metrics["kl_pi_a"]) and math.isfinite(metrics["grad_norm"])
