@@ -13,13 +13,15 @@ lr 1e-4 constant, AdamW without weight decay, max_grad_norm 1, 16 completions pe
 4 prompts x 4 generations (``per_device_train_batch_size=16, num_generations=4,
 gradient_accumulation_steps=1`` so ``generation_batch_size=16``, one update per batch, ``num_iterations=1``),
 ``max_completion_length=48``, pure sampling (``temperature=1, top_k=0, top_p=1``, the model's EOS), fp32
-(``bf16=False``), ``use_cpu=True``. Each TRL trainer runs twice: as shipped (``rloo``, ``grpo``: TRL's
+(``bf16=False``; ``--mixed_precision bf16``: TRL ``bf16=True`` against fdpg ``mixed_precision="bf16"``, both
+bf16 autocast over fp32 weights), ``use_cpu=True``. Each TRL trainer runs twice: as shipped (``rloo``, ``grpo``: TRL's
 default ``gradient_checkpointing=True``, less memory, one more forward pass) and without checkpointing
 (``rloo-nogc``, ``grpo-nogc``: the same arithmetic as fdpg, which does not checkpoint). Step time =
 ``on_step_begin`` to ``on_step_end`` of a TrainerCallback (generation, scoring,
 reference, forward/backward and optimizer step; the same span as fdpg's ``train_step``).
 
     python bench/peers.py [--rounds 2] [--steps 5] [--warmup 1] [--frameworks fdpg,rloo,rloo-nogc,grpo,grpo-nogc]
+                          [--mixed_precision bf16]
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def vader_reward(completions, **kwargs) -> list[float]:
     return [float(x) for x in vader_compound(list(completions))]
 
 
-def run_trl(kind: str, steps: int, warmup: int, gradient_checkpointing: bool, full: bool) -> dict:
+def run_trl(kind: str, steps: int, warmup: int, gradient_checkpointing: bool, full: bool, bf16: bool) -> dict:
     import time
 
     import torch
@@ -90,7 +92,7 @@ def run_trl(kind: str, steps: int, warmup: int, gradient_checkpointing: bool, fu
         output_dir=os.path.join(tempfile.mkdtemp(prefix="trl-bench-")), per_device_train_batch_size=BATCH,
         num_generations=GENERATIONS, gradient_accumulation_steps=1, max_completion_length=MAX_NEW_TOKENS,
         beta=BETA, learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-        temperature=1.0, top_k=0, top_p=1.0, num_iterations=1, bf16=False, fp16=False, use_cpu=True,
+        temperature=1.0, top_k=0, top_p=1.0, num_iterations=1, bf16=bf16, fp16=False, use_cpu=True,
         gradient_checkpointing=gradient_checkpointing, max_steps=warmup + steps, logging_steps=1,
         save_strategy="no", report_to=[], disable_tqdm=True, seed=0, dataloader_num_workers=0,
     )
@@ -105,10 +107,10 @@ def run_trl(kind: str, steps: int, warmup: int, gradient_checkpointing: bool, fu
     return {"times": times, "tokens": [round(x * BATCH) for x in lengths], "others": timer.others[warmup:]}
 
 
-def run_fdpg(steps: int, warmup: int, full: bool) -> dict:
+def run_fdpg(steps: int, warmup: int, full: bool, mixed_precision: str) -> dict:
     from step import FdpgStepper
 
-    stepper = FdpgStepper(full)
+    stepper = FdpgStepper(full, mixed_precision)
     recs = common.timed_loop(stepper, warmup, steps)
     return {"times": [r["time"] for r in recs], "tokens": [r["tokens"] for r in recs],
             "others": [r["others"] for r in recs]}
@@ -116,10 +118,10 @@ def run_fdpg(steps: int, warmup: int, full: bool) -> dict:
 
 def worker(args) -> None:
     if args.worker == "fdpg":
-        res = run_fdpg(args.steps, args.warmup, args.full)
+        res = run_fdpg(args.steps, args.warmup, args.full, args.mixed_precision)
     else:
         kind, _, variant = args.worker.partition("-")
-        res = run_trl(kind, args.steps, args.warmup, variant != "nogc", args.full)
+        res = run_trl(kind, args.steps, args.warmup, variant != "nogc", args.full, args.mixed_precision == "bf16")
     res["peak_rss_mb"] = round(common.peak_rss_mb(), 1)
     common.emit(res)
 
@@ -131,6 +133,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--frameworks", default="fdpg,rloo,rloo-nogc,grpo,grpo-nogc")
     ap.add_argument("--full", action="store_true", help="W-full (TRL then keeps a separate reference model)")
+    ap.add_argument("--mixed_precision", default="no", choices=["no", "bf16"])
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no_wait", action="store_true", help="start even if other processes keep the CPU busy")
     args = ap.parse_args()
@@ -147,7 +150,7 @@ def main() -> None:
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
+                   "--warmup", str(args.warmup), "--mixed_precision", args.mixed_precision]
             cmd += ["--full"] if args.full else []
             common.log(f"[peers] round {r}: {name}")
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -158,7 +161,7 @@ def main() -> None:
             results[name]["tokens"] += res["tokens"]
             results[name]["others"] += res["others"]
             results[name]["peak_rss_mb"] = max(results[name]["peak_rss_mb"], res["peak_rss_mb"])
-    out: dict = {"bench": "peers", "workload": "W-full" if args.full else "W"}
+    out: dict = {"bench": "peers", "workload": "W-full" if args.full else "W", "mixed_precision": args.mixed_precision}
     for name, res in results.items():
         calm = [k for k, o in enumerate(res["others"]) if o < common.QUIET] or list(range(len(res["times"])))
         out[name] = {"steps_quiet": f"{len(calm)}/{len(res['times'])}",  # medians over the quiet steps
