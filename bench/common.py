@@ -132,8 +132,9 @@ def footer(contention: Contention, load_start: float) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     import torch
 
-    return {"cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "interop_threads": torch.get_num_interop_threads()}
+    return {"cores": os.cpu_count(), "cpu": torch.backends.cpu.get_cpu_capability(),
+            "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
 
 
 def median(xs: Sequence[float]) -> float:

@@ -20,7 +20,7 @@ shapes the hardware computes (padding included), attention scores/values as ``4 
 
     python bench/flops.py [--full] [--step_s S] [--phases '{"generate": 6.7, ...}']
 
-Without ``--step_s``, the efficiency is computed from ``bench/results/compare.json`` when present.
+Without ``--step_s``, the efficiency is rated from ``bench/results/<cpu capability>/compare[_full].json``.
 """
 
 from __future__ import annotations
@@ -42,23 +42,28 @@ N_HEAD = D * V
 N_LORA = L * 2 * 8 * (D + D)  # r=8 on q_proj (576->576) and v_proj (576->192): A [8,576] + B [out,8]
 
 
-def mm_gflops(m: int, k: int, n: int, dtype, reps: int = 5, min_time: float = 0.3) -> float:
-    import torch
-
-    a = torch.randn(m, k).to(dtype)
-    b = torch.randn(k, n).to(dtype)
-    torch.mm(a, b)
+def best_seconds(call, reps: int = 5, min_time: float = 0.3) -> float:
+    """The best over ``reps`` rounds of the mean time of ``call()``, each round repeating it for ``min_time`` s."""
+    call()
     best = float("inf")
     for _ in range(reps):
         it, t0 = 0, time.perf_counter()
         while True:
-            torch.mm(a, b)
+            call()
             it += 1
             el = time.perf_counter() - t0
             if el >= min_time:
                 break
         best = min(best, el / it)
-    return 2 * m * k * n / best / 1e9
+    return best
+
+
+def mm_gflops(m: int, k: int, n: int, dtype, reps: int = 5, min_time: float = 0.3) -> float:
+    import torch
+
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
+    return 2 * m * k * n / best_seconds(lambda: torch.mm(a, b), reps, min_time) / 1e9
 
 
 def onednn_linear_gflops(m: int, k: int, n: int, reps: int = 5, min_time: float = 0.3) -> float:
@@ -69,18 +74,7 @@ def onednn_linear_gflops(m: int, k: int, n: int, reps: int = 5, min_time: float 
     lin = torch.utils.mkldnn.to_mkldnn(torch.nn.Linear(k, n, bias=False).eval())
     x = torch.randn(m, k)
     with torch.inference_mode():
-        lin(x)
-        best = float("inf")
-        for _ in range(reps):
-            it, t0 = 0, time.perf_counter()
-            while True:
-                lin(x)
-                it += 1
-                el = time.perf_counter() - t0
-                if el >= min_time:
-                    break
-            best = min(best, el / it)
-    return 2 * m * k * n / best / 1e9
+        return 2 * m * k * n / best_seconds(lambda: lin(x), reps, min_time) / 1e9
 
 
 def attention_flops(b: int, q_tokens_ctx: list[tuple[int, int]]) -> float:
@@ -103,8 +97,8 @@ def main() -> None:
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--step_s", type=float, default=None, help="a measured step time to rate")
     ap.add_argument("--phases", default=None, help="JSON of measured phase times (generate, reference, backward)")
-    ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                      "compare.json"))
+    ap.add_argument("--results", default=None,
+                    help="a compare.py result to rate (default: results/<cpu capability>/compare[_full].json)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no_wait", action="store_true", help="start even if other processes keep the CPU busy")
     args = ap.parse_args()
@@ -115,10 +109,14 @@ def main() -> None:
         common.wait_quiet()
     load0 = common.loadavg()
     contention = common.Contention()
+    # Without native bf16 (avx512_bf16 / AMX) a bf16 matmul takes a scalar path ~50x slower than fp32: a
+    # 4096^3 product would take minutes, so the bf16 rates are measured on a 512^3 product there.
+    bf16_native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    n_bf16 = 4096 if bf16_native else 512
     ceiling = {
         "fp32_mm_4096_gflops": mm_gflops(4096, 4096, 4096, torch.float32),
         "fp32_onednn_4096_gflops": onednn_linear_gflops(4096, 4096, 4096),
-        "bf16_mm_4096_gflops": mm_gflops(4096, 4096, 4096, torch.bfloat16),
+        f"bf16_mm_{n_bf16}_gflops": mm_gflops(n_bf16, n_bf16, n_bf16, torch.bfloat16),
         "fp32_seq_pass_shape_gflops": mm_gflops(BATCH * 56, D, FF, torch.float32),
         "fp32_decode_shape_gflops": mm_gflops(BATCH, D, FF, torch.float32),
         "bf16_seq_pass_shape_gflops": mm_gflops(BATCH * 56, D, FF, torch.bfloat16),
@@ -132,12 +130,14 @@ def main() -> None:
     measured = {}
     if args.step_s:
         measured = {"fdpg": {"s_per_step": args.step_s, "phases_s": json.loads(args.phases or "{}")}}
-    elif os.path.exists(args.results):
-        with open(args.results) as fh:
-            rec = json.loads(fh.read().strip().splitlines()[-1])
+    else:
+        results = args.results or os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "results", torch.backends.cpu.get_cpu_capability().lower(),
+            "compare_full.json" if args.full else "compare.json")
+        rec = json.loads(open(results).read().strip().splitlines()[-1]) if os.path.exists(results) else {}
         if rec.get("workload") == out["workload"]:
             measured = {k: rec[k] for k in ("fdpg", "floor") if k in rec}
-            out["rated_from"] = os.path.relpath(args.results)
+            out["rated_from"] = os.path.relpath(results)
     peak = max(ceiling["fp32_mm_4096_gflops"], ceiling["fp32_onednn_4096_gflops"])
     out["fp32_ceiling_gflops"] = peak  # the best fp32 matmul this machine ran (MKL as dispatched, or oneDNN)
     for name, m in measured.items():
