@@ -78,9 +78,14 @@ def _machine_busy_s() -> float:
     return (sum(parts[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _own_cpu_s() -> float:
+def _own_user_sys_s() -> tuple[float, float]:
+    """User and kernel CPU seconds of this process and its finished children."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return me.ru_utime + kids.ru_utime, me.ru_stime + kids.ru_stime
+
+
+def _own_cpu_s() -> float:
+    return sum(_own_user_sys_s())
 
 
 class Contention:
@@ -92,15 +97,15 @@ class Contention:
 
     def __init__(self) -> None:
         self.t, self.busy, self.own = time.perf_counter(), _machine_busy_s(), _own_cpu_s()
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        self.user, self.sys = r.ru_utime, r.ru_stime
+        self.user, self.sys = _own_user_sys_s()
 
     def own_split(self) -> dict[str, float]:
-        """This process's user and kernel CPU seconds per wall second since the start (kernel: page faults...)."""
+        """This process's (and its finished children's) user and kernel CPU seconds per wall second since the
+        start (kernel time: page faults, ...)."""
         wall = time.perf_counter() - self.t
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return {"own_user_cores": round((r.ru_utime - self.user) / wall, 2),
-                "own_sys_cores": round((r.ru_stime - self.sys) / wall, 2)}
+        user, sys_ = _own_user_sys_s()
+        return {"own_user_cores": round((user - self.user) / wall, 2),
+                "own_sys_cores": round((sys_ - self.sys) / wall, 2)}
 
     def others_cores(self) -> float:
         wall = time.perf_counter() - self.t
