@@ -117,3 +117,14 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state() -> Iterator[None]:
+    """accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with other settings
+    (e.g. ``mixed_precision="bf16"`` after ``"no"``): each test starts from none, as a fresh process would."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()

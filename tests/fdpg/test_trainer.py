@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from fdpg_testing import REQUIRED_METRICS, read_jsonl, toy_scorer, trainable_state
 from safetensors.torch import load_file
 
+import fdpg.trainer as trainer_module
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.models import load_causal_lm
 from fdpg.sampling import sample_completions
@@ -193,3 +195,14 @@ def test_bf16_mixed_precision_samples_from_the_policy_it_trains(make_trainer) ->
     assert off_bf16 < 0.5 * off_fp32, (off_bf16, off_fp32)
     metrics = trainer.train_step(0)
     assert math.isfinite(metrics["kl_pi_a"]) and math.isfinite(metrics["grad_norm"])
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns(make_trainer, monkeypatch, native: bool) -> None:
+    """bf16 matmuls without avx512_bf16/AMX run ~50x slower than fp32: the trainer says so, and only then."""
+    monkeypatch.setattr(trainer_module, "cpu_bf16_is_native", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(mixed_precision="bf16", lora_r=4)
+    slow = [w for w in caught if "without native bf16" in str(w.message)]
+    assert len(slow) == (0 if native else 1), [str(w.message) for w in caught]
