@@ -72,8 +72,16 @@ def test_two_cpu_processes_match_one(lora_r: int, tiny_model_dir: Path, tmp_path
         assert got["log_z"] == pytest.approx(want["log_z"], abs=1e-6)
         assert got["score/reward"] == pytest.approx(want["score/reward"], abs=1e-12)
         assert_same_metrics(got, want, atol=1e-5)
-    # the same samples, all of them (gathered from both processes) in the same order
-    assert (run_two / "samples.jsonl").read_text() == (run_one / "samples.jsonl").read_text()
+    # the same samples, all of them (gathered from both processes) in the same order; log-probs come from
+    # other micro-batch shapes in the two layouts, so they agree to float32 rounding, not bit for bit
+    samples_one, samples_two = read_jsonl(run_one / "samples.jsonl"), read_jsonl(run_two / "samples.jsonl")
+    assert len(samples_two) == len(samples_one) == 2 * 8
+    for got, want in zip(samples_two, samples_one):
+        exact = ("step", "prompt", "completion", "scores")
+        assert {k: got[k] for k in exact} == {k: want[k] for k in exact}
+        assert got.keys() == want.keys()
+        for k in got.keys() - set(exact):
+            assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-5), k
     assert sorted(p.name for p in (run_two / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert not (tmp_path / "two-2").exists()  # a single run directory
 
