@@ -13,6 +13,7 @@ from fdpg.sampling import (
     SampleBatch,
     completion_mask_from_eos,
     encode_prompts,
+    onednn_lm_head,
     sample_completions,
 )
 
@@ -161,3 +162,43 @@ def test_temperature_records_the_proposal_log_q(fixture: str, request: pytest.Fi
     log_pi = torch.log_softmax(step_logits, -1).gather(-1, tokens).squeeze(-1) * mask
     torch.testing.assert_close(batch.token_log_q, log_q, atol=1e-4, rtol=0)
     torch.testing.assert_close(batch.token_log_pi, log_pi, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fixture", MODEL_DIRS)
+def test_onednn_lm_head_gives_the_same_logits_and_restores_the_head(fixture: str,
+                                                                   request: pytest.FixtureRequest) -> None:
+    model, tokenizer = _load(request, fixture)
+    ids, mask = encode_prompts(tokenizer, PROMPTS, torch.device("cpu"))
+    head = model.get_output_embeddings()
+    with torch.inference_mode():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with onednn_lm_head(model) as used:
+            assert used and "forward" in vars(head)
+            packed = model(input_ids=ids, attention_mask=mask).logits
+    assert "forward" not in vars(head)
+    assert packed.shape == plain.shape and packed.dtype == torch.float32
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_onednn_lm_head_leaves_hooked_and_autocast_heads_alone(tiny_model_dir: Path) -> None:
+    model = load_causal_lm(str(tiny_model_dir))
+    handle = _boost_eos(model, 0)
+    try:
+        with onednn_lm_head(model) as used:
+            assert not used
+    finally:
+        handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16), onednn_lm_head(model) as used:
+        assert not used  # under bf16 autocast the head must stay the bf16 matmul the training pass uses
+    assert "forward" not in vars(model.get_output_embeddings())
+
+
+@pytest.mark.parametrize("fixture", MODEL_DIRS)
+def test_log_pi_recorded_through_the_onednn_head_matches_the_forward_pass(fixture: str,
+                                                                         request: pytest.FixtureRequest) -> None:
+    """Without hooks sampling uses the oneDNN head; the training pass (MKL) sees the same log pi."""
+    model, tokenizer = _load(request, fixture)
+    with onednn_lm_head(model) as used:
+        assert used
+    batch = sample_completions(model, tokenizer, PROMPTS * 2, max_new_tokens=12, seed=3)
+    torch.testing.assert_close(batch.token_log_pi, _forward_log_probs(model, batch), atol=1e-4, rtol=0)
