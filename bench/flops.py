@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,8 +112,9 @@ def main() -> None:
     contention = common.Contention()
     # Without native bf16 (avx512_bf16 / AMX) a bf16 matmul takes a scalar path ~50x slower than fp32: a
     # 4096^3 product would take minutes, so the bf16 rates are measured on a 512^3 product there.
-    bf16_native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    n_bf16 = 4096 if bf16_native else 512
+    from fdpg.trainer import cpu_bf16_is_native
+
+    n_bf16 = 4096 if cpu_bf16_is_native() else 512
     ceiling = {
         "fp32_mm_4096_gflops": mm_gflops(4096, 4096, 4096, torch.float32),
         "fp32_onednn_4096_gflops": onednn_linear_gflops(4096, 4096, 4096),
@@ -134,7 +136,7 @@ def main() -> None:
         results = args.results or os.path.join(
             os.path.dirname(os.path.abspath(__file__)), "results", torch.backends.cpu.get_cpu_capability().lower(),
             "compare_full.json" if args.full else "compare.json")
-        rec = json.loads(open(results).read().strip().splitlines()[-1]) if os.path.exists(results) else {}
+        rec = json.loads(Path(results).read_text().strip().splitlines()[-1]) if os.path.exists(results) else {}
         if rec.get("workload") == out["workload"]:
             measured = {k: rec[k] for k in ("fdpg", "floor") if k in rec}
             out["rated_from"] = os.path.relpath(results)

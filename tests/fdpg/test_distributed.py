@@ -76,8 +76,8 @@ def test_two_cpu_processes_match_one(lora_r: int, tiny_model_dir: Path, tmp_path
     # other micro-batch shapes in the two layouts, so they agree to float32 rounding, not bit for bit
     samples_one, samples_two = read_jsonl(run_one / "samples.jsonl"), read_jsonl(run_two / "samples.jsonl")
     assert len(samples_two) == len(samples_one) == 2 * 8
+    exact = ("step", "prompt", "completion", "scores")
     for got, want in zip(samples_two, samples_one):
-        exact = ("step", "prompt", "completion", "scores")
         assert {k: got[k] for k in exact} == {k: want[k] for k in exact}
         assert got.keys() == want.keys()
         for k in got.keys() - set(exact):
