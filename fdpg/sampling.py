@@ -10,11 +10,11 @@ the position of the chunk in the global batch, not on the number of processes. T
 their log-probabilities recorded, by a logits processor (:class:`DrawAndRecord`: one uniform per row and
 step, no per-step logits kept), not by ``generate``'s own sampler.
 
-On the CPU in fp32, the LM head of a decode step (``[B, d] @ W^T`` with ``W`` of ``V x d``, ~113 MB for a 49k
-vocabulary) runs through oneDNN instead of MKL (:func:`onednn_lm_head`): with a few rows the product is bound by
-reading ``W``, and oneDNN's path does that ~2x faster on the machines we measured (a whole 16 x 48-token
-``generate`` of SmolLM2-135M: 13.6 -> 11.9 s on a 2-core AVX2 EPYC). The logits agree to fp32 rounding
-(~1e-6), so a rare token drawn near a boundary of the inverse CDF can differ from MKL's.
+On the CPU in fp32 the linear layers run through oneDNN on prepacked weights while sampling
+(:func:`fdpg.onednn_decode.packed_linears`, LoRA merged): a decode step's products have one row per sequence,
+where MKL is slow (a whole 16 x 48-token ``generate`` of SmolLM2-135M with LoRA on a 2-core AVX2 EPYC: 10.4 ->
+8.8 s). The logits agree to fp32 rounding (~1e-6), so a rare token drawn near a boundary of the inverse CDF can
+differ from MKL's.
 
 A completion ends at its first end-of-sequence token, which it includes (the model chose to stop;
 that choice has a probability too); later positions are masked out.
@@ -23,8 +23,7 @@ that choice has a probability too); later positions are masked out.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -37,6 +36,8 @@ from transformers import (
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
+
+from fdpg.onednn_decode import packed_linears
 
 
 @dataclass
@@ -230,38 +231,6 @@ def _chosen_log_prob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
     return torch.nan_to_num(log_probs, nan=0.0, neginf=0.0)
 
 
-@contextmanager
-def onednn_lm_head(model: torch.nn.Module) -> Iterator[bool]:
-    """Within the block, the model's LM head computes ``x W^T + c`` through oneDNN (no-grad use only).
-
-    Applies, and yields ``True``, only where the result is the same function: a plain ``nn.Linear`` head in
-    float32 on the CPU without hooks, outside autocast (under bf16 autocast the head stays a bf16 matmul), with
-    oneDNN available; otherwise it changes nothing and yields ``False``. The weight is reordered once on entry
-    (~30 ms), so it must not change inside the block.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    usable = (
-        type(head) is torch.nn.Linear and head.weight.dtype == torch.float32 and head.weight.device.type == "cpu"
-        and not (head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head))
-        and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()
-    )
-    if not usable:
-        yield False
-        return
-    weight = head.weight.detach().to_mkldnn()
-    bias = (head.bias.detach() if head.bias is not None else torch.zeros(weight.shape[0])).to_mkldnn()
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn()
-        return torch._C._nn.mkldnn_linear(rows, weight, bias).to_dense().view(*x.shape[:-1], weight.shape[0])
-
-    head.forward = forward
-    try:
-        yield True
-    finally:
-        del head.forward
-
-
 def sample_completions(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -278,7 +247,7 @@ def sample_completions(
     config = pure_sampling_config(max_new_tokens, tokenizer.pad_token_id, eos)
     draw = DrawAndRecord(temperature, top_p)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode(), onednn_lm_head(model):
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(), packed_linears(model, rows=len(prompts)):
         torch.manual_seed(seed)
         sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
                                    logits_processor=LogitsProcessorList([draw]))

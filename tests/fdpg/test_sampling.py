@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
+from fdpg import sampling
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.models import load_causal_lm, load_tokenizer
+from fdpg.onednn_decode import onednn_packing_available
+from fdpg.policy import LoraSettings, Policy
 from fdpg.sampling import (
     SampleBatch,
     completion_mask_from_eos,
     encode_prompts,
-    onednn_lm_head,
     sample_completions,
 )
 
@@ -165,40 +168,25 @@ def test_temperature_records_the_proposal_log_q(fixture: str, request: pytest.Fi
 
 
 @pytest.mark.parametrize("fixture", MODEL_DIRS)
-def test_onednn_lm_head_gives_the_same_logits_and_restores_the_head(fixture: str,
-                                                                   request: pytest.FixtureRequest) -> None:
-    model, tokenizer = _load(request, fixture)
-    ids, mask = encode_prompts(tokenizer, PROMPTS, torch.device("cpu"))
-    head = model.get_output_embeddings()
-    with torch.inference_mode():
-        plain = model(input_ids=ids, attention_mask=mask).logits
-        with onednn_lm_head(model) as used:
-            assert used and "forward" in vars(head)
-            packed = model(input_ids=ids, attention_mask=mask).logits
-    assert "forward" not in vars(head)
-    assert packed.shape == plain.shape and packed.dtype == torch.float32
-    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+def test_log_pi_recorded_through_packed_lora_layers_matches_the_forward_pass(
+    fixture: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sampling runs on oneDNN packed (LoRA-merged) layers; the training pass (MKL, peft) sees the same log pi."""
+    torch.manual_seed(0)
+    policy = Policy.from_pretrained(str(request.getfixturevalue(fixture)), lora=LoraSettings(4, 8.0, 0.0, "all-linear"))
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    packed_counts, pack = [], sampling.packed_linears
 
+    @contextmanager
+    def counting(model, rows):
+        with pack(model, rows) as n:
+            packed_counts.append(n)
+            yield n
 
-def test_onednn_lm_head_leaves_hooked_and_autocast_heads_alone(tiny_model_dir: Path) -> None:
-    model = load_causal_lm(str(tiny_model_dir))
-    handle = _boost_eos(model, 0)
-    try:
-        with onednn_lm_head(model) as used:
-            assert not used
-    finally:
-        handle.remove()
-    with torch.autocast("cpu", dtype=torch.bfloat16), onednn_lm_head(model) as used:
-        assert not used  # under bf16 autocast the head must stay the bf16 matmul the training pass uses
-    assert "forward" not in vars(model.get_output_embeddings())
-
-
-@pytest.mark.parametrize("fixture", MODEL_DIRS)
-def test_log_pi_recorded_through_the_onednn_head_matches_the_forward_pass(fixture: str,
-                                                                         request: pytest.FixtureRequest) -> None:
-    """Without hooks sampling uses the oneDNN head; the training pass (MKL) sees the same log pi."""
-    model, tokenizer = _load(request, fixture)
-    with onednn_lm_head(model) as used:
-        assert used
-    batch = sample_completions(model, tokenizer, PROMPTS * 2, max_new_tokens=12, seed=3)
-    torch.testing.assert_close(batch.token_log_pi, _forward_log_probs(model, batch), atol=1e-4, rtol=0)
+    monkeypatch.setattr(sampling, "packed_linears", counting)
+    batch = sample_completions(policy.model, policy.tokenizer, PROMPTS * 2, max_new_tokens=12, seed=3)
+    assert len(packed_counts) == 1 and (packed_counts[0] > 0 or not onednn_packing_available())
+    torch.testing.assert_close(batch.token_log_pi, _forward_log_probs(policy.model, batch), atol=1e-4, rtol=0)
