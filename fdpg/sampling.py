@@ -177,14 +177,29 @@ def pure_sampling_config(max_new_tokens: int, pad_token_id: int, eos_ids: Sequen
     )
 
 
-def draw_by_inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
-    """One index per row of ``probs`` (``[B, V]``, rows summing to ~1), drawn exactly by inverse CDF.
+def draw_by_inverse_cdf(probs: torch.Tensor, block: int = 256) -> torch.Tensor:
+    r"""One index per row of ``probs`` (``[B, V]``, non-negative rows), drawn exactly by inverse CDF.
 
-    One uniform per row from the current torch RNG, against the float64 cumulative sum.
+    One uniform :math:`u \sim U[0, S)` per row from the current torch RNG, with :math:`S = \sum_i p_i`, and
+    the index :math:`i` with :math:`\sum_{j<i} p_j \le u < \sum_{j \le i} p_j` (float64 sums). In two levels,
+    which finds the same index as one cumulative sum over the vocabulary (up to float64 rounding) at a tenth
+    of its cost on a CPU (a sequential ``cumsum`` over 16 x 49k values takes ~4.5 ms): the cumulative sum of
+    the ``block``-sized block sums picks the block, then the cumulative sum inside that block picks the index.
+    An index of zero probability is never returned.
     """
-    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
-    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+    rows, vocab = probs.shape
+    padded = F.pad(probs, (0, -vocab % block)) if vocab % block else probs
+    blocks = padded.reshape(rows, -1, block)
+    mass = blocks.sum(-1, dtype=torch.float64)  # [B, blocks]
+    cdf = mass.cumsum(-1)
+    u = torch.rand(rows, 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    k = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # the block: mass[k] > 0
+    inside = blocks[torch.arange(rows, device=probs.device), k.squeeze(-1)]  # [B, block]
+    offset = cdf.gather(-1, k) - mass.gather(-1, k)
+    j = torch.searchsorted(inside.cumsum(-1, dtype=torch.float64), u - offset, right=True)
+    # u can exceed the in-block sum by float64 rounding: then take the block's last index of positive mass.
+    last = torch.where(inside > 0, torch.arange(block, device=probs.device), -1).amax(-1, keepdim=True)
+    return (k * block + torch.minimum(j, last)).squeeze(-1)
 
 
 class DrawAndRecord(LogitsProcessor):
