@@ -11,7 +11,7 @@ their log-probabilities recorded, by a logits processor (:class:`DrawAndRecord`:
 step, no per-step logits kept), not by ``generate``'s own sampler.
 
 On the CPU in fp32 the linear layers run through oneDNN on prepacked weights while sampling
-(:func:`fdpg.onednn_decode.packed_linears`, LoRA merged): a decode step's products have one row per sequence,
+(:func:`fdpg.onednn_linears.onednn_linears`, LoRA merged): a decode step's products have one row per sequence,
 where MKL is slow (a whole 16 x 48-token ``generate`` of SmolLM2-135M with LoRA on a 2-core AVX2 EPYC: 10.4 ->
 8.8 s). The logits agree to fp32 rounding (~1e-6), so a rare token drawn near a boundary of the inverse CDF can
 differ from MKL's.
@@ -37,7 +37,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from fdpg.onednn_decode import packed_linears
+from fdpg.onednn_linears import onednn_linears
 
 
 @dataclass
@@ -262,7 +262,8 @@ def sample_completions(
     config = pure_sampling_config(max_new_tokens, tokenizer.pad_token_id, eos)
     draw = DrawAndRecord(temperature, top_p)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode(), packed_linears(model, rows=len(prompts)):
+    fast_linears = onednn_linears(model, prepack_rows=len(prompts))
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(), fast_linears:
         torch.manual_seed(seed)
         sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
                                    logits_processor=LogitsProcessorList([draw]))

@@ -37,6 +37,7 @@ from fdpg.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fdpg.config import TrainConfig, incompatible_settings
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.metrics import batch_metrics
+from fdpg.onednn_linears import onednn_linears
 from fdpg.policy import Policy
 from fdpg.run_log import RunLog
 from fdpg.sampling import SampleBatch, sample_completions
@@ -214,7 +215,7 @@ class FDPGTrainer:
     def _sequence_log_probs(self, batch: SampleBatch, reference: bool) -> torch.Tensor:
         out = []
         ctx = self.policy.reference(self._unwrapped()) if reference else nullcontext(self._unwrapped())
-        with ctx as model, self.accelerator.autocast():
+        with ctx as model, self.accelerator.autocast(), onednn_linears(model, prepack_rows=None):
             for lo in range(0, len(batch), self.config.micro_batch_size):
                 part = batch.slice(lo, lo + self.config.micro_batch_size)
                 out.append(completion_token_log_probs(model, part).sum(-1))

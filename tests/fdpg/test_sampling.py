@@ -11,7 +11,7 @@ import torch
 from fdpg import sampling
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.models import load_causal_lm, load_tokenizer
-from fdpg.onednn_decode import onednn_packing_available
+from fdpg.onednn_linears import onednn_packing_available
 from fdpg.policy import LoraSettings, Policy
 from fdpg.sampling import (
     SampleBatch,
@@ -179,15 +179,15 @@ def test_log_pi_recorded_through_packed_lora_layers_matches_the_forward_pass(
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    packed_counts, pack = [], sampling.packed_linears
+    packed_counts, pack = [], sampling.onednn_linears
 
     @contextmanager
-    def counting(model, rows):
-        with pack(model, rows) as n:
+    def counting(model, prepack_rows):
+        with pack(model, prepack_rows) as n:
             packed_counts.append(n)
             yield n
 
-    monkeypatch.setattr(sampling, "packed_linears", counting)
+    monkeypatch.setattr(sampling, "onednn_linears", counting)
     batch = sample_completions(policy.model, policy.tokenizer, PROMPTS * 2, max_new_tokens=12, seed=3)
     assert len(packed_counts) == 1 and (packed_counts[0] > 0 or not onednn_packing_available())
     torch.testing.assert_close(batch.token_log_pi, _forward_log_probs(policy.model, batch), atol=1e-4, rtol=0)

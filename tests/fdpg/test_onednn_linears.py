@@ -1,4 +1,4 @@
-"""oneDNN packed linears for sampling: the same function (plain and LoRA-merged layers), restored on exit."""
+"""oneDNN linears for no-grad passes: the same function (plain and LoRA-merged layers), restored on exit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fdpg.models import load_causal_lm, load_tokenizer
-from fdpg.onednn_decode import onednn_packing_available, packed_linears
+from fdpg.onednn_linears import onednn_linears, onednn_packing_available
 from fdpg.policy import LoraSettings, Policy
 from fdpg.sampling import encode_prompts
 
@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(not onednn_packing_available(), reason="this tor
 
 PROMPTS = ["hello world, this is long", "a", "", "the cat sat"]
 MODEL_DIRS = ["tiny_model_dir", "tiny_gpt2_dir"]
+PREPACK = [4, None]  # sampling's prepacked weights (4 rows), the reference pass's weights as they are
 
 
 def _lora_policy(directory: Path, dropout: float = 0.0) -> Policy:
@@ -37,13 +38,15 @@ def _patched(model: torch.nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if "forward" in vars(m)]
 
 
+@pytest.mark.parametrize("prepack_rows", PREPACK)
 @pytest.mark.parametrize("fixture", MODEL_DIRS)
-def test_packed_model_gives_the_same_logits_and_is_restored(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_onednn_model_gives_the_same_logits_and_is_restored(fixture: str, prepack_rows: int | None,
+                                                            request: pytest.FixtureRequest) -> None:
     directory = request.getfixturevalue(fixture)
     model, tokenizer = load_causal_lm(str(directory)), load_tokenizer(str(directory))
     ids, mask = encode_prompts(tokenizer, PROMPTS)
     plain = _logits(model, ids, mask)
-    with packed_linears(model, rows=len(PROMPTS)) as packed:
+    with onednn_linears(model, prepack_rows) as packed:
         linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
         assert packed == len(linears) > 0  # Llama: every projection and the head; GPT-2 (Conv1D): the head
         fast = _logits(model, ids, mask)
@@ -52,9 +55,10 @@ def test_packed_model_gives_the_same_logits_and_is_restored(fixture: str, reques
     torch.testing.assert_close(_logits(model, ids, mask), plain, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("prepack_rows", PREPACK)
 @pytest.mark.parametrize("fixture", MODEL_DIRS)
-def test_lora_layers_are_packed_merged_and_the_adapter_is_untouched(fixture: str,
-                                                                  request: pytest.FixtureRequest) -> None:
+def test_lora_layers_are_merged_and_the_adapter_is_untouched(fixture: str, prepack_rows: int | None,
+                                                             request: pytest.FixtureRequest) -> None:
     policy = _lora_policy(request.getfixturevalue(fixture))
     model = policy.model
     ids, mask = encode_prompts(policy.tokenizer, PROMPTS)
@@ -64,7 +68,7 @@ def test_lora_layers_are_packed_merged_and_the_adapter_is_untouched(fixture: str
         base = _logits(reference, ids, mask)
     assert (with_adapter - base).abs().max() > 1e-3  # the adapter matters
 
-    with packed_linears(model, rows=len(PROMPTS)) as packed:
+    with onednn_linears(model, prepack_rows) as packed:
         assert packed > 0
         lora_layers = [name for name, m in model.named_modules() if hasattr(m, "lora_A")]
         patched = _patched(model)
@@ -76,7 +80,7 @@ def test_lora_layers_are_packed_merged_and_the_adapter_is_untouched(fixture: str
         merged = _logits(model, ids, mask)
     torch.testing.assert_close(merged, with_adapter, atol=1e-5, rtol=1e-5)
 
-    with policy.reference() as reference, packed_linears(reference, rows=len(PROMPTS)):
+    with policy.reference() as reference, onednn_linears(reference, prepack_rows):
         assert not any(name in _patched(reference) for name in lora_layers)  # disabled adapters: not merged
         torch.testing.assert_close(_logits(reference, ids, mask), base, atol=1e-5, rtol=1e-5)
 
@@ -85,17 +89,17 @@ def test_lora_layers_are_packed_merged_and_the_adapter_is_untouched(fixture: str
         assert torch.equal(p, before[name]), name
 
 
-def test_lora_with_live_dropout_packs_only_the_base_layers(tiny_model_dir: Path) -> None:
+def test_lora_with_live_dropout_patches_only_the_base_layers(tiny_model_dir: Path) -> None:
     policy = _lora_policy(tiny_model_dir, dropout=0.5)
     model = policy.model.train()
-    with packed_linears(model, rows=4):
+    with onednn_linears(model, prepack_rows=4):
         patched = _patched(model)
         lora_layers = [name for name, m in model.named_modules() if hasattr(m, "lora_A")]
         assert lora_layers and not set(lora_layers) & set(patched)
         assert {f"{name}.base_layer" for name in lora_layers} <= set(patched)
         assert not any("lora_" in name for name in patched)
     model.eval()  # dropout off: the LoRA layers can be merged again
-    with packed_linears(model, rows=4):
+    with onednn_linears(model, prepack_rows=4):
         assert set(lora_layers) <= set(_patched(model))
 
 
@@ -104,9 +108,9 @@ def test_hooked_layers_and_autocast_are_left_alone(tiny_model_dir: Path) -> None
     head = model.get_output_embeddings()
     handle = head.register_forward_hook(lambda module, inputs, output: output)
     try:
-        with packed_linears(model, rows=4) as packed:
+        with onednn_linears(model, prepack_rows=4) as packed:
             assert packed > 0 and "forward" not in vars(head)
     finally:
         handle.remove()
-    with torch.autocast("cpu", dtype=torch.bfloat16), packed_linears(model, rows=4) as packed:
+    with torch.autocast("cpu", dtype=torch.bfloat16), onednn_linears(model, prepack_rows=4) as packed:
         assert packed == 0 and _patched(model) == []  # bf16 autocast: sampling keeps the training pass's matmuls
