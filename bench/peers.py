@@ -27,6 +27,7 @@ reference, forward/backward and optimizer step; the same span as fdpg's ``train_
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -141,6 +142,8 @@ def main() -> None:
         worker(args)
         return
     names = [n.strip() for n in args.frameworks.split(",") if n.strip()]
+    if any(n != "fdpg" for n in names) and importlib.util.find_spec("trl") is None:
+        raise SystemExit("TRL is not installed: `.venv/bin/pip install -e '.[bench]'` (or --frameworks fdpg)")
     if not args.no_wait and not getattr(args, "worker", None):
         common.wait_quiet()
     load0 = common.loadavg()
