@@ -91,3 +91,16 @@ def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
     for name in want:
         diff = float((got[name] - want[name]).abs().max())
         assert diff <= atol, f"parameter {name} differs by {diff:.3g}"
+
+
+def nonzero_lora_policy(directory: Path, dropout: float = 0.0):
+    """A LoRA (r=4, all linear layers) policy whose ``B`` is random, so that it differs from its reference."""
+    from fdpg.policy import LoraSettings, Policy
+
+    torch.manual_seed(0)
+    policy = Policy.from_pretrained(str(directory), lora=LoraSettings(4, 8.0, dropout, "all-linear"))
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return policy

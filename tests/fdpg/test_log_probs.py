@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fdpg_testing import nonzero_lora_policy
 
 from fdpg import log_probs as lp
 from fdpg.models import load_causal_lm, load_tokenizer
-from fdpg.policy import LoraSettings, Policy
+from fdpg.policy import Policy
 from fdpg.sampling import SampleBatch, sample_completions
 
 PROMPTS = ["hello world, this is long", "a", "", "the cat sat"]
@@ -29,16 +30,6 @@ def _logits_path(model: torch.nn.Module, batch: SampleBatch) -> torch.Tensor:
     return log_probs.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
 
 
-def _lora_policy(directory: Path) -> Policy:
-    torch.manual_seed(0)
-    policy = Policy.from_pretrained(str(directory), lora=LoraSettings(4, 8.0, 0.0, "all-linear"))
-    with torch.no_grad():  # a non-zero adapter, so that the policy differs from its reference
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    return policy
-
-
 def _batch(policy: Policy) -> SampleBatch:
     return sample_completions(policy.model, policy.tokenizer, PROMPTS * 2, max_new_tokens=10, seed=3)
 
@@ -46,7 +37,7 @@ def _batch(policy: Policy) -> SampleBatch:
 @pytest.mark.parametrize("fixture", MODEL_DIRS)
 def test_fused_head_matches_logits_path_values_and_lora_gradients(fixture: str,
                                                                    request: pytest.FixtureRequest) -> None:
-    policy = _lora_policy(request.getfixturevalue(fixture))
+    policy = nonzero_lora_policy(request.getfixturevalue(fixture))
     model = policy.model
     batch = _batch(policy)
     assert lp._fusable_head(model) is not None

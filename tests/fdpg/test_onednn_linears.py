@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fdpg_testing import nonzero_lora_policy
 
 from fdpg.models import load_causal_lm, load_tokenizer
 from fdpg.onednn_linears import onednn_linears, onednn_packing_available
-from fdpg.policy import LoraSettings, Policy
 from fdpg.sampling import encode_prompts
 
 pytestmark = pytest.mark.skipif(not onednn_packing_available(), reason="this torch build has no oneDNN linear ops")
@@ -17,16 +17,6 @@ pytestmark = pytest.mark.skipif(not onednn_packing_available(), reason="this tor
 PROMPTS = ["hello world, this is long", "a", "", "the cat sat"]
 MODEL_DIRS = ["tiny_model_dir", "tiny_gpt2_dir"]
 PREPACK = [4, None]  # sampling's prepacked weights (4 rows), the reference pass's weights as they are
-
-
-def _lora_policy(directory: Path, dropout: float = 0.0) -> Policy:
-    torch.manual_seed(0)
-    policy = Policy.from_pretrained(str(directory), lora=LoraSettings(4, 8.0, dropout, "all-linear"))
-    with torch.no_grad():  # a non-zero adapter: merged and unmerged layers give different outputs otherwise
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    return policy
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -59,7 +49,7 @@ def test_onednn_model_gives_the_same_logits_and_is_restored(fixture: str, prepac
 @pytest.mark.parametrize("fixture", MODEL_DIRS)
 def test_lora_layers_are_merged_and_the_adapter_is_untouched(fixture: str, prepack_rows: int | None,
                                                              request: pytest.FixtureRequest) -> None:
-    policy = _lora_policy(request.getfixturevalue(fixture))
+    policy = nonzero_lora_policy(request.getfixturevalue(fixture))
     model = policy.model
     ids, mask = encode_prompts(policy.tokenizer, PROMPTS)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -90,7 +80,7 @@ def test_lora_layers_are_merged_and_the_adapter_is_untouched(fixture: str, prepa
 
 
 def test_lora_with_live_dropout_patches_only_the_base_layers(tiny_model_dir: Path) -> None:
-    policy = _lora_policy(tiny_model_dir, dropout=0.5)
+    policy = nonzero_lora_policy(tiny_model_dir, dropout=0.5)
     model = policy.model.train()
     with onednn_linears(model, prepack_rows=4):
         patched = _patched(model)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fdpg_testing import nonzero_lora_policy
 
 from fdpg import sampling
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.models import load_causal_lm, load_tokenizer
 from fdpg.onednn_linears import onednn_packing_available
-from fdpg.policy import LoraSettings, Policy
 from fdpg.sampling import (
     SampleBatch,
     completion_mask_from_eos,
@@ -173,12 +173,7 @@ def test_log_pi_recorded_through_packed_lora_layers_matches_the_forward_pass(
     fixture: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Sampling runs on oneDNN packed (LoRA-merged) layers; the training pass (MKL, peft) sees the same log pi."""
-    torch.manual_seed(0)
-    policy = Policy.from_pretrained(str(request.getfixturevalue(fixture)), lora=LoraSettings(4, 8.0, 0.0, "all-linear"))
-    with torch.no_grad():
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    policy = nonzero_lora_policy(request.getfixturevalue(fixture))
     packed_counts, pack = [], sampling.onednn_linears
 
     @contextmanager
