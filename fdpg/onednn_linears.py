@@ -1,4 +1,4 @@
-r"""Sampling's linear layers through oneDNN with prepacked weights (CPU, float32, no-grad only).
+r"""Linear layers through oneDNN for no-grad passes: prepacked for sampling, as they are for the reference pass.
 
 A decode step multiplies a few rows (one per sequence, ``B`` = 16 on workload W) by every weight matrix of the
 model: ``y = x W^T + c`` with ``x`` of ``B x d_in``. With so few rows MKL's ``sgemm`` runs far below the
@@ -11,6 +11,9 @@ A LoRA layer (peft) is packed merged, :math:`W' = W + \frac{\alpha}{r} B A`: one
 none of peft's per-call Python, while the adapter's parameters are left untouched. The packed copies live only
 inside the block (they are rebuilt on every entry, ~0.3 s for 135M parameters, so the weights may change between
 blocks but must not change inside one), so the extra memory is one copy of the packed weights, during sampling.
+
+Passes with many rows (the reference log-probs: 8 sequences x ~56 tokens) gain less (~3-10% against MKL on the
+same machine) and use the weights as they are, without a copy.
 
 The result is the same function to float32 rounding (oneDNN sums in another order; a merged LoRA rounds
 :math:`W + BA` once): logits agree to ~1e-6 relative, so a token drawn within that distance of a boundary of the
@@ -100,18 +103,19 @@ def _merged_weight(module: torch.nn.Module) -> torch.Tensor:
 
 @contextmanager
 def onednn_linears(model: torch.nn.Module, prepack_rows: int | None) -> Iterator[int]:
-    """Within the block, the model's float32 CPU linear layers run through oneDNN (no-grad use only).
+    """Within the block, the model's float32 CPU linear layers run through oneDNN (entered without grad only).
 
     ``prepack_rows``: for sampling, the rows of a decode step (the batch size): the weights are reordered for
     that many rows on entry (other row counts, such as the prompt's prefill, work too). ``None``: the weights
-    are used as they are, for passes with many rows (the reference log-probs: ~7% faster than MKL there, no
-    copy). Yields the number of layers patched:
-    0 (nothing changed) under autocast, without oneDNN, or for a model with no packable layer. Left as they are:
+    are used as they are, for passes with many rows (the reference log-probs, no copy).
+
+    Yields the number of layers patched: 0 (nothing changed) where gradients are enabled (the oneDNN op has no
+    backward), under autocast, without oneDNN, or for a model with no such layer. Left as they are:
     ``nn.Linear`` layers with hooks or of other dtypes or devices, other layer types (GPT-2's ``Conv1D``), the
     adapters' own ``A`` and ``B``, and LoRA layers that are disabled, merged, DoRA or with live dropout (their
     base layer alone goes through oneDNN). On exit every forward is restored and the packed copies are freed.
     """
-    if torch.is_autocast_enabled("cpu") or not onednn_packing_available():
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not onednn_packing_available():
         yield 0
         return
     patched: list[torch.nn.Module] = []

@@ -36,7 +36,7 @@ def test_onednn_model_gives_the_same_logits_and_is_restored(fixture: str, prepac
     model, tokenizer = load_causal_lm(str(directory)), load_tokenizer(str(directory))
     ids, mask = encode_prompts(tokenizer, PROMPTS)
     plain = _logits(model, ids, mask)
-    with onednn_linears(model, prepack_rows) as packed:
+    with torch.inference_mode(), onednn_linears(model, prepack_rows) as packed:
         linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
         assert packed == len(linears) > 0  # Llama: every projection and the head; GPT-2 (Conv1D): the head
         fast = _logits(model, ids, mask)
@@ -58,7 +58,7 @@ def test_lora_layers_are_merged_and_the_adapter_is_untouched(fixture: str, prepa
         base = _logits(reference, ids, mask)
     assert (with_adapter - base).abs().max() > 1e-3  # the adapter matters
 
-    with onednn_linears(model, prepack_rows) as packed:
+    with torch.inference_mode(), onednn_linears(model, prepack_rows) as packed:
         assert packed > 0
         lora_layers = [name for name, m in model.named_modules() if hasattr(m, "lora_A")]
         patched = _patched(model)
@@ -70,7 +70,7 @@ def test_lora_layers_are_merged_and_the_adapter_is_untouched(fixture: str, prepa
         merged = _logits(model, ids, mask)
     torch.testing.assert_close(merged, with_adapter, atol=1e-5, rtol=1e-5)
 
-    with policy.reference() as reference, onednn_linears(reference, prepack_rows):
+    with policy.reference() as reference, torch.inference_mode(), onednn_linears(reference, prepack_rows):
         assert not any(name in _patched(reference) for name in lora_layers)  # disabled adapters: not merged
         torch.testing.assert_close(_logits(reference, ids, mask), base, atol=1e-5, rtol=1e-5)
 
@@ -82,25 +82,27 @@ def test_lora_layers_are_merged_and_the_adapter_is_untouched(fixture: str, prepa
 def test_lora_with_live_dropout_patches_only_the_base_layers(tiny_model_dir: Path) -> None:
     policy = nonzero_lora_policy(tiny_model_dir, dropout=0.5)
     model = policy.model.train()
-    with onednn_linears(model, prepack_rows=4):
+    with torch.inference_mode(), onednn_linears(model, prepack_rows=4):
         patched = _patched(model)
         lora_layers = [name for name, m in model.named_modules() if hasattr(m, "lora_A")]
         assert lora_layers and not set(lora_layers) & set(patched)
         assert {f"{name}.base_layer" for name in lora_layers} <= set(patched)
         assert not any("lora_" in name for name in patched)
     model.eval()  # dropout off: the LoRA layers can be merged again
-    with onednn_linears(model, prepack_rows=4):
+    with torch.inference_mode(), onednn_linears(model, prepack_rows=4):
         assert set(lora_layers) <= set(_patched(model))
 
 
-def test_hooked_layers_and_autocast_are_left_alone(tiny_model_dir: Path) -> None:
+def test_hooked_layers_autocast_and_grad_mode_are_left_alone(tiny_model_dir: Path) -> None:
     model = load_causal_lm(str(tiny_model_dir))
     head = model.get_output_embeddings()
     handle = head.register_forward_hook(lambda module, inputs, output: output)
     try:
-        with onednn_linears(model, prepack_rows=4) as packed:
+        with torch.inference_mode(), onednn_linears(model, prepack_rows=4) as packed:
             assert packed > 0 and "forward" not in vars(head)
     finally:
         handle.remove()
-    with torch.autocast("cpu", dtype=torch.bfloat16), onednn_linears(model, prepack_rows=4) as packed:
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), onednn_linears(model, 4) as packed:
         assert packed == 0 and _patched(model) == []  # bf16 autocast: sampling keeps the training pass's matmuls
+    with onednn_linears(model, prepack_rows=4) as packed:
+        assert packed == 0 and _patched(model) == []  # gradients enabled: the oneDNN op has no backward
