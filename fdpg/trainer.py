@@ -201,7 +201,8 @@ class FDPGTrainer:
             self._swap_params(self.proposal)
         try:
             # Under --mixed_precision the samples come from the same (autocast) pi as the training pass.
-            with self.accelerator.autocast():
+            # The oneDNN packing (CPU fp32) is done once for all chunks; no_grad lets it apply.
+            with torch.no_grad(), self.accelerator.autocast(), onednn_linears(model, prepack_rows=self.chunk):
                 for lo in range(start, start + self.local_batch, self.chunk):
                     chunks.append(sample_completions(
                         model, self.policy.tokenizer, prompts[lo:lo + self.chunk], cfg.max_new_tokens,

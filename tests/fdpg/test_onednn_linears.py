@@ -106,3 +106,19 @@ def test_hooked_layers_autocast_and_grad_mode_are_left_alone(tiny_model_dir: Pat
         assert packed == 0 and _patched(model) == []  # bf16 autocast: sampling keeps the training pass's matmuls
     with onednn_linears(model, prepack_rows=4) as packed:
         assert packed == 0 and _patched(model) == []  # gradients enabled: the oneDNN op has no backward
+
+
+def test_nested_blocks_reuse_the_enclosing_packing(tiny_model_dir: Path) -> None:
+    """An inner block (sample_completions inside the trainer's chunk loop) patches nothing more, undoes nothing."""
+    policy = nonzero_lora_policy(tiny_model_dir)
+    model = policy.model
+    ids, mask = encode_prompts(policy.tokenizer, PROMPTS)
+    want = _logits(model, ids, mask)
+    with torch.inference_mode(), onednn_linears(model, prepack_rows=4) as outer:
+        patched = _patched(model)
+        assert outer == len(patched) > 0
+        with onednn_linears(model, prepack_rows=4) as inner:
+            assert inner == 0 and _patched(model) == patched  # no merged layer's base_layer packed again
+            torch.testing.assert_close(_logits(model, ids, mask), want, atol=1e-5, rtol=1e-5)
+        assert _patched(model) == patched
+    assert _patched(model) == []
