@@ -19,6 +19,7 @@ import torch
 
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.metrics import distinct_n
+from fdpg.onednn_linears import onednn_linears
 from fdpg.sampling import SampleBatch, sample_completions
 from fdpg.scores import checked_features
 
@@ -38,7 +39,8 @@ def draw_samples(policy, prompts: Sequence[str] | None, n: int, max_new_tokens: 
 
     chosen = _prompts_for(prompts, n, seed)
     batches = []
-    with policy.reference() if reference else nullcontext(policy.model) as model:
+    with policy.reference() if reference else nullcontext(policy.model) as model, torch.no_grad(), \
+            onednn_linears(model, prepack_rows=chunk):  # packed once for all chunks (CPU fp32)
         for lo in tqdm(range(0, n, chunk), desc="sampling", disable=not progress, leave=False):
             batches.append(sample_completions(model, policy.tokenizer, chosen[lo:lo + chunk], max_new_tokens,
                                               seed=seed * 100_003 + lo))
