@@ -6,11 +6,14 @@ Nothing here downloads anything; the hub is switched off for the whole test sess
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Shared test helpers at the top of tests/ (``statistics_testing``) are importable from every test directory.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import string  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -31,13 +34,14 @@ TINY_CHARACTERS = string.ascii_lowercase + string.digits + " \n" + string.punctu
 TINY_SEED = 1234
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Build a character-level ``PreTrainedTokenizerFast`` (lowercasing; no bos/eos added on encode)."""
+def build_tiny_tokenizer(characters: str = TINY_CHARACTERS) -> PreTrainedTokenizerFast:
+    """Build a character-level ``PreTrainedTokenizerFast`` over ``characters`` (lowercasing; no bos/eos added
+    on encode). The special tokens come first (ids 0-3), then one token per character."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS.values())}
-    for character in TINY_CHARACTERS:
+    for character in characters:
         vocab.setdefault(character, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     backend.normalizer = normalizers.Lowercase()
@@ -107,6 +111,35 @@ def tiny_gpt2_dir(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pyt
     torch.manual_seed(TINY_SEED)
     model = GPT2LMHeadModel(config)
     return _save_tiny_model(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+ENUMERABLE_CHARACTERS = "ab"
+"""The ordinary vocabulary of the enumerable model: with the 4 special tokens, 6 tokens in all."""
+
+
+@pytest.fixture(scope="session")
+def enumerable_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer Llama over 6 tokens (the specials, ``a``, ``b``) whose completions of 2-3 tokens can all be
+    listed: the exact ground truth of the trainer tests (``tests/fdpg/enumerable_lm.py``). Its weights are
+    drawn with a large ``initializer_range`` so that its next-token distributions are far from uniform."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer(ENUMERABLE_CHARACTERS)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        initializer_range=0.5,
+        **_token_ids(tokenizer),
+    )
+    torch.manual_seed(TINY_SEED)
+    model = LlamaForCausalLM(config)
+    return _save_tiny_model(model, tokenizer, tmp_path_factory.mktemp("enumerable_llama"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,13 +14,16 @@ import math
 import pytest
 import torch
 from scipy.stats import chi2
-from scipy.stats import f as f_distribution
+from statistics_testing import P_VALUE_FLOOR, hotelling
 from toy_model import ToyAutoregressive, ToyProblem, exact_moment, make_problem
 
+from fdpg.config import TrainConfig
 from objectives import (
+    BASELINES,
     CustomDivergence,
     Divergence,
     LogZEstimator,
+    MovingAverageBaseline,
     ZeroTargetError,
     batch_baseline,
     get_divergence,
@@ -29,7 +32,6 @@ from objectives import (
 
 BUILT_IN = ["rkl", "fkl", "tv", "js", "chi2", "hellinger", "alpha:0.5"]
 FINITE_AT_INFINITY = ["fkl", "tv", "js", "hellinger", "alpha:0.5"]
-P_VALUE_FLOOR = 1e-4  # reject "unbiased" below this p-value (about 4 standard errors)
 
 
 def user_js() -> CustomDivergence:
@@ -47,45 +49,31 @@ def divergence(spec: str) -> Divergence:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def hotelling(grads: torch.Tensor, exact: torch.Tensor) -> tuple[float, int, float]:
-    """Hotelling's T^2 test that the mean of the rows of ``grads`` [K, d] equals ``exact``.
-
-    The gradient of a softmax row sums to zero, so the covariance is singular: the test works in the
-    span of its eigenvectors with non-negligible eigenvalues (``rank`` of them) and the component of
-    the difference outside that span must vanish. Under the null, (K - r) T^2 / ((K - 1) r) follows
-    the F distribution with (r, K - r) degrees of freedom (r = rank; close to chi^2_r / r for K >> r).
-    """
-    k = grads.shape[0]
-    diff = grads.mean(0) - exact
-    evals, evecs = torch.linalg.eigh(torch.cov(grads.T))
-    keep = evals > evals.max() * 1e-10
-    null_part = float((evecs[:, ~keep].T @ diff).norm())
-    assert null_part <= 1e-8 * float(exact.norm()) + 1e-12, (
-        f"difference outside the gradient span: {null_part}"
-    )
-    proj = evecs[:, keep].T @ diff
-    t2 = k * float((proj**2 / evals[keep]).sum())
-    rank = int(keep.sum())
-    return t2, rank, float(f_distribution.sf(t2 * (k - rank) / ((k - 1) * rank), rank, k - rank))
-
-
 def batch_gradient(
     problem: ToyProblem,
     div: Divergence,
     idx: torch.Tensor,
     log_z: float,
     proposal: ToyAutoregressive | None = None,
-    baseline: str = "loo",
+    baseline: str | MovingAverageBaseline = "loo",
     weighted: bool = True,
 ) -> torch.Tensor:
-    """Autograd gradient (w.r.t. the policy logits) of the surrogate loss of one batch ``idx``."""
+    """Autograd gradient (w.r.t. the policy logits) of the surrogate loss of one batch ``idx``.
+
+    ``baseline``: a kind of :func:`batch_baseline` (the per-prompt kinds see two groups, even and odd
+    positions, as two prompts of a batch would be), or a :class:`MovingAverageBaseline` kept across batches.
+    """
     log_pi = problem.policy.log_probs_all()[idx]
     log_p = problem.sampled_log_P(idx) - log_z
     rewards = div.pseudo_reward(log_pi, log_p)
     weights = None
     if proposal is not None and weighted:
         weights = torch.exp(log_pi.detach() - proposal.log_probs_all()[idx])
-    loss = surrogate_loss(log_pi, rewards, batch_baseline(rewards, baseline), importance_weights=weights)
+    if isinstance(baseline, MovingAverageBaseline):
+        b = baseline(rewards)
+    else:
+        b = batch_baseline(rewards, baseline, [j % 2 for j in range(len(idx))])
+    loss = surrogate_loss(log_pi, rewards, b, importance_weights=weights)
     (grad,) = torch.autograd.grad(loss, problem.policy.logits)
     return grad.reshape(-1)
 
@@ -104,6 +92,8 @@ def sampled_gradients(
     gen = torch.Generator().manual_seed(seed)
     sampler = problem.policy if proposal is None else proposal
     log_z = problem.log_Z if log_z is None else log_z
+    if kwargs.get("baseline") == "moving_average":  # one state across the batches, as in training
+        kwargs["baseline"] = MovingAverageBaseline(0.5)
     rows = [
         batch_gradient(problem, div, sampler.sample(batch, gen), log_z, proposal, **kwargs)
         for _ in range(n_batches)
@@ -190,6 +180,32 @@ def test_the_unbiasedness_test_rejects_biased_estimators(rl_problem: ToyProblem,
     assert hotelling(unweighted, exact)[2] < 1e-6
     loo = sampled_gradients(rl_problem, div, n_batches=2000, batch=4, baseline="loo")
     assert hotelling(loo, exact)[2] > P_VALUE_FLOOR
+
+
+#: Every baseline, the trainer's default first, with the factor by which it shrinks the expected gradient
+#: (1 for unbiased baselines; 1 - 1/m for a mean over m samples that includes the sample itself).
+DEFAULT_BASELINE = TrainConfig.__dataclass_fields__["baseline"].default
+BASELINE_BATCH = 4
+
+
+def baseline_shrinkage(kind: str) -> float:
+    return {"mean": 1 - 1 / BASELINE_BATCH, "prompt_mean": 1 - 2 / BASELINE_BATCH}.get(kind, 1.0)
+
+
+@pytest.mark.parametrize("kind", [DEFAULT_BASELINE, *[b for b in BASELINES if b != DEFAULT_BASELINE]])
+def test_every_baseline_is_unbiased_or_shrinks_by_its_known_factor(rl_problem: ToyProblem, kind: str) -> None:
+    """On batches of 4 (two groups of 2 for the per-prompt kinds): ``none``, ``loo``, ``prompt_loo`` and the
+    moving average (which only sees past batches; decay 0.5) are unbiased; ``mean`` and ``prompt_mean`` include
+    the sample itself and shrink the expected gradient by 1 - 1/m exactly, so they are rejected as they are and
+    accepted once rescaled by 1/(1 - 1/m). A baseline that peeks at its own sample fails here."""
+    div = get_divergence("rkl")
+    exact = rl_problem.exact_gradient(div)
+    grads = sampled_gradients(rl_problem, div, n_batches=1500, batch=BASELINE_BATCH, seed=7, baseline=kind)
+    shrink = baseline_shrinkage(kind)
+    t2, rank, p_value = hotelling(grads / shrink, exact)
+    assert p_value > P_VALUE_FLOOR, f"{kind}: T^2 = {t2:.1f} on {rank} dof (p = {p_value:.2g})"
+    if shrink != 1.0:
+        assert hotelling(grads, exact)[2] < 1e-6
 
 
 # ------------------------------------------------------------------------------ (3) convergence

@@ -1,0 +1,220 @@
+r"""The gradient the f-DPG trainer applies is the exact :math:`\nabla_\theta D_f(\pi_\theta\|p)`.
+
+On the enumerable Hugging Face model (6 tokens, completions of at most 3 tokens: every one can be listed,
+``enumerable_lm.py``), the real :class:`fdpg.trainer.FDPGTrainer` runs many steps at the same parameters (the
+optimizer's step is replaced by a recorder, so nothing moves) with fresh samples each step: sampling, scoring,
+the reference pass, the running ``log Z``, pseudo-rewards, the default ``prompt_loo`` baseline, importance weights,
+the micro-batched surrogate loss and its backward. The mean of the recorded gradients must equal the exact
+gradient by enumeration (Hotelling's test on its projections onto the exact direction and random ones), for
+reverse KL, forward KL and JS, on-policy, under ``--temperature`` and ``--top_p`` (where the expectation is the
+gradient over the nucleus), with ``--off_policy``, and conditionally with one ``Z_c`` per prompt. The same test
+rejects seeded bugs (an ascending loss, a dropped ``log Z``, dropped importance weights): the test of the test.
+The logged metrics (``kl_pi_a``, ``kl_p_pi``, ``d_f``, ``entropy``) are checked against their exact values.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from enumerable_lm import ExactPrompt, exact_divergence_gradient, exact_prompt, expected_trainer_gradient
+from fdpg_testing import nonzero_lora_policy
+from statistics_testing import P_VALUE_FLOOR, projected_hotelling
+
+import fdpg.trainer as trainer_module
+from fdpg.config import TrainConfig
+from fdpg.trainer import FDPGTrainer
+from objectives import ForwardKL, binary_constraint, get_divergence, rl_with_kl
+from objectives import surrogate_loss as true_surrogate_loss
+
+BETA = 0.5
+BATCH = 64
+STEPS = 40  # recorded steps, after WARMUP steps that let the running log Z settle
+WARMUP = 2
+
+
+def ab_scorer(completions: list[str], prompts: list[str]) -> dict[str, list[float]]:
+    """``reward`` = 1 + (#a - #b)/3 (the offset makes log Z far from 0), ``has_a`` = the completion has an a."""
+    return {"reward": [1.0 + (t.count("a") - t.count("b")) / 3 for t in completions],
+            "has_a": [float("a" in t) for t in completions]}
+
+
+def exactness_trainer(model_dir: Path, tmp_path: Path, target=None, prompts=("",), **overrides: Any) -> FDPGTrainer:
+    """A trainer on the enumerable model with a random LoRA adapter (pi != a), one micro-batch, no clipping."""
+    settings: dict[str, Any] = dict(
+        model=str(model_dir), task="exactness", divergence="rkl", beta=BETA, steps=100, batch_size=BATCH,
+        samples_per_prompt=BATCH // len(prompts), generation_batch_size=BATCH, micro_batch_size=BATCH // 2,
+        max_new_tokens=3, learning_rate=1e-3, max_grad_norm=None, seed=0, output_dir=str(tmp_path / "run"),
+        progress=False, lora_r=4, lora_target_modules="all-linear")
+    settings.update(overrides)
+    config = TrainConfig(**settings)
+    policy = nonzero_lora_policy(model_dir)
+    target = rl_with_kl("reward", BETA) if target is None else target
+    return FDPGTrainer(config, policy, target, ab_scorer, list(prompts))
+
+
+def applied_gradients(trainer: FDPGTrainer, steps: int = STEPS) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The gradient of each of ``steps`` steps (``[steps, d]``) at fixed parameters, and the steps' metrics."""
+    params = list(trainer._trainable().values())
+    grads: list[torch.Tensor] = []
+
+    def record(*args: Any, **kwargs: Any) -> None:  # the optimizer's step: record, move nothing
+        grads.append(torch.cat([p.grad.reshape(-1) for p in params]).double().clone())
+
+    trainer.optimizer.step = record
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+        metrics = [trainer.train_step(step) for step in range(WARMUP + steps)]
+    return torch.stack(grads[WARMUP:]), metrics[WARMUP:]
+
+
+def exact_prompts(trainer: FDPGTrainer) -> list[ExactPrompt]:
+    return [exact_prompt(trainer, p) for p in trainer.prompts]
+
+
+def check_unbiased(trainer: FDPGTrainer, exact_gradient: torch.Tensor) -> list[dict[str, Any]]:
+    grads, metrics = applied_gradients(trainer)
+    t2, rank, p_value = projected_hotelling(grads, exact_gradient)
+    assert p_value > P_VALUE_FLOOR, f"T^2 = {t2:.1f} on {rank} dof (p = {p_value:.2g})"
+    return metrics
+
+
+CASES = {
+    "rkl": dict(divergence="rkl"),
+    "fkl": dict(divergence="fkl"),
+    "js": dict(divergence="js"),
+    "fkl-binary": dict(divergence="fkl", target=binary_constraint("has_a")),
+    "js-temperature": dict(divergence="js", temperature=1.6),
+    "fkl-off-policy": dict(divergence="fkl", off_policy=True),
+    "js-conditional": dict(divergence="js", prompts=("a", "b"), target=rl_with_kl("reward", BETA).as_conditional()),
+    "fkl-moving-average": dict(divergence="fkl", baseline="moving_average"),
+}
+
+
+def _move_proposal_closer_to_p(trainer: FDPGTrainer, ratio: float = 0.2, step: float = 0.05) -> None:
+    """An off-policy proposal q that differs from pi and is much closer to p, so that the trainer's noisy
+    refresh test (estimated D_f(pi||p) < D_f(q||p)) never replaces it: normalised exact-gradient steps from pi
+    until D_f(q||p) < ``ratio`` D_f(pi||p)."""
+    div = trainer.divergence
+    params = list(trainer._trainable().values())
+    with torch.no_grad():
+        d_pi = sum(float(div.exact(e.log_pi, e.log_p)) for e in exact_prompts(trainer))
+    proposal = {name: p.detach().clone() for name, p in trainer._trainable().items()}
+    for _ in range(40):
+        trainer._swap_params(proposal)  # the model holds q
+        try:
+            exact = [exact_prompt(trainer, p, with_proposal=False) for p in trainer.prompts]
+            d_q = sum(float(div.exact(e.log_pi, e.log_p)) for e in exact)
+            gradient = exact_divergence_gradient(exact, div, params) if d_q >= ratio * d_pi else None
+        finally:
+            trainer._swap_params(proposal)
+        if gradient is None:
+            trainer.proposal = proposal
+            return
+        for (name, p), g in zip(proposal.items(), torch.split(gradient, [p.numel() for p in params])):
+            proposal[name] = p - step * g.reshape(p.shape).to(p.dtype) / float(gradient.norm())
+    raise AssertionError(f"no proposal closer to p than pi found (D_f(pi||p) = {d_pi:.3f}, D_f(q||p) = {d_q:.3f})")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_applied_gradient_is_the_exact_gradient(enumerable_model_dir: Path, tmp_path: Path, case: str) -> None:
+    trainer = exactness_trainer(enumerable_model_dir, tmp_path, **CASES[case])
+    params = list(trainer._trainable().values())
+    if trainer.config.off_policy:
+        _move_proposal_closer_to_p(trainer)
+    exact = exact_prompts(trainer)
+    gradient = exact_divergence_gradient(exact, trainer.divergence, params)
+    assert float(gradient.norm()) > 1e-3
+    # The oracle's expectation (support of q, E_q[R] baseline) is the divergence's gradient when q covers all.
+    torch.testing.assert_close(expected_trainer_gradient(exact, trainer.divergence, params), gradient,
+                               rtol=1e-4, atol=1e-5 * float(gradient.abs().max()))
+    if trainer.config.off_policy:
+        assert float((exact[0].log_q - exact[0].log_pi.detach()).abs().max()) > 0.1  # q really differs from pi
+    metrics = check_unbiased(trainer, gradient)
+    assert not any(m["proposal_refreshed"] for m in metrics)
+    if trainer.conditional:
+        assert metrics[-1]["log_z_keys"] == 2
+
+
+def test_top_p_gradient_is_the_gradient_over_the_nucleus(enumerable_model_dir: Path, tmp_path: Path) -> None:
+    """Under top-p, q = 0 outside the nucleus: the estimate is unbiased for the nucleus' expectation (which is
+    not the full gradient), and the log q the sampler records is the exact nucleus probability."""
+    trainer = exactness_trainer(enumerable_model_dir, tmp_path, divergence="fkl", top_p=0.8)
+    params = list(trainer._trainable().values())
+    exact = exact_prompts(trainer)
+    nucleus = expected_trainer_gradient(exact, trainer.divergence, params)
+    full = exact_divergence_gradient(exact, trainer.divergence, params)
+    assert bool((exact[0].log_q == -math.inf).any())
+    assert float((nucleus - full).norm()) > 0.05 * float(full.norm())
+    batch = trainer.sample(0)
+    idx = exact[0].index(batch.completion_ids, batch.completion_mask)
+    torch.testing.assert_close(batch.log_q.double(), exact[0].log_q[idx], atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.log_pi.double(), exact[0].log_pi.detach()[idx], atol=1e-4, rtol=0)
+    check_unbiased(trainer, nucleus)
+
+
+def _negated_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return -true_surrogate_loss(*args, **kwargs)
+
+
+def _unweighted_loss(log_pi, rewards, baseline, weights=None, normaliser=None) -> torch.Tensor:
+    return true_surrogate_loss(log_pi, rewards, baseline, None, normaliser=normaliser)
+
+
+def _inverted_weights_loss(log_pi, rewards, baseline, weights=None, normaliser=None) -> torch.Tensor:
+    return true_surrogate_loss(log_pi, rewards, baseline, 1 / weights, normaliser=normaliser)
+
+
+SEEDED_BUGS = {
+    "ascends D_f": (dict(divergence="fkl"), "loss", _negated_loss),
+    "log Z never subtracted": (dict(divergence="fkl"), "log_z", None),
+    "importance weights dropped (temperature)": (dict(divergence="js", temperature=1.6), "loss", _unweighted_loss),
+    "importance weights inverted (off-policy)": (dict(divergence="fkl", off_policy=True), "loss",
+                                                 _inverted_weights_loss),
+}
+
+
+@pytest.mark.parametrize("bug", list(SEEDED_BUGS))
+def test_the_exactness_test_rejects_seeded_bugs(enumerable_model_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch, bug: str) -> None:
+    """Power check: each one-line bug in the trainer makes the same test fail."""
+    settings, where, replacement = SEEDED_BUGS[bug]
+    trainer = exactness_trainer(enumerable_model_dir, tmp_path, **settings)
+    params = list(trainer._trainable().values())
+    if trainer.config.off_policy:
+        _move_proposal_closer_to_p(trainer)
+    gradient = exact_divergence_gradient(exact_prompts(trainer), trainer.divergence, params)
+    if where == "loss":
+        monkeypatch.setattr(trainer_module, "surrogate_loss", replacement)
+    else:
+        monkeypatch.setattr(trainer.log_z, "log_z_many", lambda keys, n=None: torch.zeros(len(keys),
+                                                                                          dtype=torch.float64))
+    grads, _ = applied_gradients(trainer)
+    t2, rank, p_value = projected_hotelling(grads, gradient)
+    assert p_value < 1e-6, f"{bug}: not rejected (T^2 = {t2:.1f} on {rank} dof, p = {p_value:.2g})"
+
+
+def test_metrics_are_their_exact_values(enumerable_model_dir: Path, tmp_path: Path) -> None:
+    """Per-step kl_pi_a, kl_p_pi, d_f and entropy average to the exact KL(pi||a), KL(p||pi), D_f(pi||p), H(pi)."""
+    trainer = exactness_trainer(enumerable_model_dir, tmp_path, divergence="js", temperature=1.3)
+    (e,) = exact_prompts(trainer)
+    with torch.no_grad():
+        log_pi, pi = e.log_pi.detach(), e.log_pi.detach().exp()
+        exact = {"kl_pi_a": float((pi * (log_pi - e.log_a)).sum()),
+                 "kl_p_pi": float(ForwardKL().exact(log_pi, e.log_p)),
+                 "d_f": float(get_divergence("js").exact(log_pi, e.log_p)),
+                 "entropy": float(-(pi * log_pi).sum()),
+                 "log_z": e.log_Z}
+    assert exact["kl_pi_a"] > 0.05 and exact["kl_p_pi"] > 0.05
+    _, metrics = applied_gradients(trainer, steps=30)
+    for name, value in exact.items():
+        values = torch.tensor([m[name] for m in metrics], dtype=torch.float64)
+        if name == "log_z":  # a running estimate: its last value has seen every sample
+            assert abs(float(values[-1]) - value) < 0.05, (name, float(values[-1]), value)
+            continue
+        se = float(values.std()) / math.sqrt(len(values))
+        assert abs(float(values.mean()) - value) < 4 * se + 1e-9, (name, float(values.mean()), value, se)
