@@ -67,8 +67,8 @@ def main() -> None:
     load0 = common.loadavg()
     contention = common.Contention()
 
+    import fdpg.engine
     import fdpg.sampling
-    import fdpg.trainer
     from fdpg.onednn_linears import onednn_linears
 
     @contextmanager
@@ -89,18 +89,18 @@ def main() -> None:
     for r in range(args.rounds + 1):
         order = [("mkl", plain), ("onednn", onednn_linears)]
         for impl, ctx in order if r % 2 else order[::-1]:
-            fdpg.sampling.onednn_linears = fdpg.trainer.onednn_linears = ctx
+            fdpg.sampling.onednn_linears = fdpg.engine.onednn_linears = ctx
             start = common.now()
             fdpg.sampling.sample_completions(model, tokenizer, PROMPTS, MAX_NEW_TOKENS, seed=r)
             generate = common.now() - start
             start = common.now()
-            trainer._sequence_log_probs(batch, reference=True)
+            trainer.sequence_log_probs(batch, reference=True)
             reference = common.now() - start
             if r:  # round 0 warms up
                 times[f"generate_{impl}"].append(generate)
                 times[f"reference_{impl}"].append(reference)
             common.log(f"[linears] round {r} {impl}: generate {generate:.2f} s, reference {reference:.2f} s")
-    fdpg.sampling.onednn_linears = fdpg.trainer.onednn_linears = onednn_linears
+    fdpg.sampling.onednn_linears = fdpg.engine.onednn_linears = onednn_linears
     for name, values in times.items():
         record[f"{name}_s"] = round(statistics.median(values), 3)
     for phase in ("generate", "reference"):

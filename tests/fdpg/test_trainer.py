@@ -12,7 +12,7 @@ import torch
 from fdpg_testing import REQUIRED_METRICS, read_jsonl, toy_scorer, trainable_state
 from safetensors.torch import load_file
 
-import fdpg.trainer as trainer_module
+import fdpg.engine as engine_module
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.models import load_causal_lm
 from fdpg.sampling import sample_completions
@@ -200,7 +200,7 @@ def test_bf16_mixed_precision_samples_from_the_policy_it_trains(make_trainer) ->
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_native_bf16_warns(make_trainer, monkeypatch, native: bool) -> None:
     """bf16 matmuls without avx512_bf16/AMX run ~50x slower than fp32: the trainer says so, and only then."""
-    monkeypatch.setattr(trainer_module, "cpu_bf16_is_native", lambda: native)
+    monkeypatch.setattr(engine_module, "cpu_bf16_is_native", lambda: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer(mixed_precision="bf16", lora_r=4)

@@ -1,0 +1,491 @@
+r"""The engine every online algorithm shares: sampling, scoring, reference pass, gathering, the loop, run logs.
+
+An algorithm (f-DPG in :mod:`fdpg.trainer`, PPO in :mod:`fdpg.ppo`) subclasses :class:`OnlineTrainer` and writes
+only its own step, :meth:`OnlineTrainer.train_step`, from the phases here:
+
+- :meth:`~OnlineTrainer.sample`: this process's share of the step's completions :math:`x \sim q(\cdot\mid c)`
+  (:math:`q = \pi_\theta`, or frozen proposal weights when ``self.proposal`` is set), seeded per
+  (seed, step, chunk) so that results do not depend on the number of processes;
+- :meth:`~OnlineTrainer.score`: the task's features, checked against the target;
+- :meth:`~OnlineTrainer.token_log_probs`: per-token :math:`\log\pi` or :math:`\log a` (the reference: the
+  adapter disabled, or the frozen copy) in one no-grad pass;
+- :meth:`~OnlineTrainer.gather` / :meth:`~OnlineTrainer.gather_list`: the global batch on every process;
+- :meth:`~OnlineTrainer.update_log_z` and :meth:`~OnlineTrainer.shared_metrics`: ``log Z`` of the target and
+  the metrics every algorithm logs under the same names (``score/...``, ``kl_pi_a``, ``kl_p_pi``, ``d_f``,
+  ``entropy``, ``distinct_*``, ``tokens_per_s``, ``time/*``), so that analysis needs no case per algorithm;
+- :meth:`~OnlineTrainer.optimizer_step`: gradient clipping, optimizer and zero-grad through ``accelerate``.
+
+The loop (:meth:`~OnlineTrainer.train`) writes ``metrics.jsonl`` and ``samples.jsonl``, checkpoints every
+``save_every`` steps (trainable weights, including an algorithm's own modules such as a value head, optimizer,
+scheduler and the algorithm's state from :meth:`~OnlineTrainer.algorithm_state`), handles SIGTERM/SIGINT by
+saving and stopping, leaves a resumable checkpoint on any error, and resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from fdpg.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fdpg.config import TrainConfig, incompatible_settings
+from fdpg.log_probs import completion_token_log_probs
+from fdpg.metrics import batch_metrics
+from fdpg.onednn_linears import onednn_linears
+from fdpg.policy import Policy
+from fdpg.run_log import RunLog
+from fdpg.sampling import SampleBatch, sample_completions
+from fdpg.scores import checked_features
+from objectives import Divergence, LogZEstimator, Target
+from objectives.partition import GLOBAL_KEY
+
+#: ``scorer(completions, prompts) -> {feature name: one number per completion}``
+Scorer = Callable[[list[str], list[str]], Mapping[str, Any]]
+#: ``metrics(features) -> {name: value}``: the task's alignment metrics of a batch.
+MetricsFn = Callable[[Mapping[str, torch.Tensor]], Mapping[str, float]]
+
+
+def cpu_bf16_is_native() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (avx512_bf16 or AMX, as oneDNN sees it)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class StopTraining(Exception):
+    """Raised inside the loop when SIGTERM/SIGINT asked the run to stop after saving."""
+
+
+def feature_means(features: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The default alignment metrics: the batch mean of every feature."""
+    return {f"score/{k}": float(v.double().mean()) for k, v in features.items()}
+
+
+def seed_for(*parts: int) -> int:
+    """A 32-bit seed from integers (the run's seed, the step, a phase, a position)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class OnlineTrainer:
+    """The shared engine of the online algorithms; subclasses implement :meth:`train_step`.
+
+    Args:
+        config: the run's settings.
+        policy: model + tokenizer + reference access.
+        target: the unnormalised target :math:`P` (from :mod:`objectives.targets`); its ``log Z`` is tracked.
+        scorer: computes the features the target needs from completions and prompts.
+        prompts: the prompt pool (``None`` or empty: unconditional generation from BOS).
+        metrics_fn: the task's alignment metrics (default: the mean of every feature).
+        accelerator: an ``accelerate.Accelerator`` (default: one built from the config).
+    """
+
+    #: Shown on the progress bar.
+    algorithm = "online"
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        policy: Policy,
+        target: Target,
+        scorer: Scorer,
+        prompts: Sequence[str] | None = None,
+        metrics_fn: MetricsFn | None = None,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        self.config = config
+        self.target = target
+        self.scorer = scorer
+        self.prompts = list(prompts) if prompts else [""]
+        self.conditional = target.conditional if config.conditional is None else config.conditional
+        self.metrics_fn = metrics_fn or feature_means
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=None if config.report_to == "none" else config.report_to.split(","),
+        )
+        if (self.accelerator.mixed_precision == "bf16" and self.accelerator.device.type == "cpu"
+                and not cpu_bf16_is_native()):
+            warnings.warn(
+                f"--mixed_precision bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}, "
+                "no avx512_bf16/AMX): bf16 matmuls take a scalar path, ~50x slower than fp32 on a 2-core AVX2 "
+                "machine. Use --mixed_precision no here.", stacklevel=3)
+        world = self.accelerator.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        # Otherwise each process would train alone, all of them writing the same run directory.
+        if launched > 1 and launched != world:
+            raise ValueError(
+                f"launched as {launched} processes (WORLD_SIZE) but accelerate set up {world}; on a machine "
+                "without GPUs set ACCELERATE_USE_CPU=1 for data parallelism over CPU processes (gloo)"
+            )
+        if config.batch_size % world:
+            raise ValueError(f"--batch_size ({config.batch_size}) must be divisible by the number of processes "
+                             f"({world})")
+        self.local_batch = config.batch_size // world
+        self.chunk = math.gcd(config.generation_batch_size, self.local_batch)
+        self.policy = policy
+        self._check_prompt_lengths()
+
+        torch.manual_seed(config.seed)
+        #: The algorithm's own trainable modules (a value head, ...), trained and checkpointed with the policy.
+        self.extra_modules: dict[str, torch.nn.Module] = self.build_extra_modules()
+        trainable = list(policy.trainable_parameters().values())
+        if not trainable:
+            raise ValueError("the policy has no trainable parameters")
+        trainable += [p for m in self.extra_modules.values() for p in m.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                                       num_training_steps=config.steps)
+        names = list(self.extra_modules)
+        prepared = self.accelerator.prepare(policy.model, *self.extra_modules.values(), optimizer)
+        self.model, self.optimizer = prepared[0], prepared[-1]
+        self.extra_modules = dict(zip(names, prepared[1:-1]))
+        self.log_z = LogZEstimator(config.log_z, config.log_z_window)
+        #: Frozen weights to sample from instead of the current ones (DPG's off-policy proposal), or ``None``.
+        self.proposal: dict[str, torch.Tensor] | None = None
+        self.step = 0
+        #: Extra entries for config.json (e.g. the fitted lambdas of the target), set by the caller.
+        self.run_extras: dict[str, Any] = {}
+        self.run: RunLog | None = None
+        self._stop_signal: int | None = None
+        self._last_samples: dict[str, Any] | None = None
+        self._tokens_this_step = 0
+
+    # ------------------------------------------------------------------ what an algorithm adds
+    def build_extra_modules(self) -> dict[str, torch.nn.Module]:
+        """The algorithm's own trainable modules besides the policy (called once, before the optimizer)."""
+        return {}
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Run optimisation step ``step`` (0-based) and return its metrics."""
+        raise NotImplementedError
+
+    def algorithm_state(self) -> dict[str, Any]:
+        """The algorithm's JSON-serialisable state (estimators, controllers) for checkpoints."""
+        return {"log_z": self.log_z.state_dict()}
+
+    def load_algorithm_state(self, state: Mapping[str, Any]) -> None:
+        self.log_z.load_state_dict(state["log_z"])
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        """Every trained parameter: the policy's, then each extra module's under ``NAME.`` (checkpointed)."""
+        params = self.policy.trainable_parameters(self._unwrapped())
+        for name, module in self.extra_modules.items():
+            for key, p in self.accelerator.unwrap_model(module).named_parameters():
+                if p.requires_grad:
+                    params[f"{name}.{key}"] = p
+        return params
+
+    def _policy_trainable(self) -> dict[str, torch.nn.Parameter]:
+        return self.policy.trainable_parameters(self._unwrapped())
+
+    def _check_prompt_lengths(self) -> None:
+        limit = self.policy.max_positions
+        if limit is None:
+            return
+        tok = self.policy.tokenizer
+        longest = max((len(tok(p)["input_ids"]) for p in self.prompts if p), default=1)
+        if longest + self.config.max_new_tokens > limit:
+            raise ValueError(
+                f"the longest prompt has {longest} tokens; with --max_new_tokens {self.config.max_new_tokens} "
+                f"that exceeds the model's context of {limit} tokens. Shorten the prompts or --max_new_tokens."
+            )
+
+    def _swap_params(self, params: dict[str, torch.Tensor]) -> None:
+        """Exchange the policy's trainable weights with ``params`` in place (twice = identity)."""
+        with torch.no_grad():
+            for name, p in self._policy_trainable().items():
+                saved = p.detach().clone()
+                p.copy_(params[name].to(p.device))
+                params[name] = saved
+
+    @contextlib.contextmanager
+    def _sampling_weights(self) -> Iterator[None]:
+        """The proposal's weights in the policy for the duration (nothing when there is no proposal)."""
+        if self.proposal is None:
+            yield
+            return
+        self._swap_params(self.proposal)
+        try:
+            yield
+        finally:
+            self._swap_params(self.proposal)
+
+    def step_prompts(self, step: int) -> list[str]:
+        """The global batch's prompts at ``step``: each drawn prompt repeated ``samples_per_prompt`` times."""
+        n = self.config.batch_size // self.config.samples_per_prompt
+        rng = np.random.default_rng(seed_for(self.config.seed, step, 1))
+        idx = rng.choice(len(self.prompts), size=n, replace=len(self.prompts) < n)
+        return [self.prompts[i] for i in idx for _ in range(self.config.samples_per_prompt)]
+
+    def prompt_keys(self, prompts: Sequence[str]) -> list[str]:
+        """The ``log Z`` key of each sample: its prompt when the target is conditional, else one global key."""
+        return [p if self.conditional else GLOBAL_KEY for p in prompts]
+
+    # ------------------------------------------------------------------ shared phases
+    def sample(self, step: int) -> SampleBatch:
+        """This process's share of the step's samples, drawn chunk by chunk with per-chunk seeds."""
+        cfg = self.config
+        prompts = self.step_prompts(step)
+        start = self.accelerator.process_index * self.local_batch
+        model = self._unwrapped()
+        chunks = []
+        # Under --mixed_precision the samples come from the same (autocast) pi as the training pass.
+        # The oneDNN packing (CPU fp32) is done once for all chunks; no_grad lets it apply.
+        with self._sampling_weights(), torch.no_grad(), self.accelerator.autocast(), \
+                onednn_linears(model, prepack_rows=self.chunk):
+            for lo in range(start, start + self.local_batch, self.chunk):
+                chunks.append(sample_completions(
+                    model, self.policy.tokenizer, prompts[lo:lo + self.chunk], cfg.max_new_tokens,
+                    seed=seed_for(cfg.seed, step, 2, lo), temperature=cfg.temperature, top_p=cfg.top_p))
+        return SampleBatch.concat(chunks, self.policy.tokenizer.pad_token_id)
+
+    @torch.inference_mode()
+    def token_log_probs(self, batch: SampleBatch, reference: bool) -> torch.Tensor:
+        """``[B, T]`` float64 per-token :math:`\\log a` (``reference``) or :math:`\\log\\pi_\\theta`, no grad."""
+        out = []
+        ctx = self.policy.reference(self._unwrapped()) if reference else nullcontext(self._unwrapped())
+        with ctx as model, self.accelerator.autocast(), onednn_linears(model, prepack_rows=None):
+            for lo in range(0, len(batch), self.config.micro_batch_size):
+                part = batch.slice(lo, lo + self.config.micro_batch_size)
+                values = completion_token_log_probs(model, part)
+                out.append(torch.nn.functional.pad(values, (0, batch.completion_ids.shape[1] - values.shape[1])))
+        return torch.cat(out).double()
+
+    def sequence_log_probs(self, batch: SampleBatch, reference: bool) -> torch.Tensor:
+        """``[B]`` float64 :math:`\\log a(x\\mid c)` or :math:`\\log\\pi_\\theta(x\\mid c)`, no grad."""
+        return self.token_log_probs(batch, reference).sum(-1)
+
+    def score(self, batch: SampleBatch) -> dict[str, torch.Tensor]:
+        return checked_features(self.target, self.scorer(list(batch.texts), list(batch.prompts)), len(batch))
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return t
+        return self.accelerator.gather(t.to(self.accelerator.device).contiguous()).cpu()
+
+    def gather_list(self, items: list) -> list:
+        return items if self.accelerator.num_processes == 1 else gather_object(items)
+
+    def local_slice(self) -> slice:
+        """This process's rows of the gathered global batch."""
+        lo = self.accelerator.process_index * self.local_batch
+        return slice(lo, lo + self.local_batch)
+
+    def update_log_z(self, g_log_P: torch.Tensor, g_log_q: torch.Tensor, g_keys: list) -> torch.Tensor:
+        """Add the global batch to the ``log Z`` estimate; return :math:`\\log p = \\log P - \\log Z` per sample.
+
+        :math:`P(x) = 0` means :math:`p(x) = 0` whatever Z is (and Z is 0 while no sample of a key had P > 0).
+        """
+        self.log_z.update(g_log_P - g_log_q, g_keys)
+        return torch.where(g_log_P == -math.inf, g_log_P, g_log_P - self.log_z.log_z_many(g_keys))
+
+    def shared_metrics(self, step: int, batch: SampleBatch, divergence: Divergence,
+                       g_features: Mapping[str, torch.Tensor], g_log_pi: torch.Tensor, g_log_q: torch.Tensor,
+                       g_log_a: torch.Tensor, g_log_p: torch.Tensor, g_rewards: torch.Tensor,
+                       **per_sample: torch.Tensor) -> dict[str, Any]:
+        """The metrics every algorithm logs, and the step's samples for ``samples.jsonl`` (``per_sample``: more
+        per-sample columns). Call before the update: once the weights move nothing may fail (collectives)."""
+        g_tokens = self.gather_list([row[:n].tolist() for row, n in zip(batch.completion_ids, batch.lengths)])
+        g_texts = self.gather_list(list(batch.texts))
+        metrics: dict[str, Any] = {"step": step + 1}
+        metrics.update({k: float(v) for k, v in self.metrics_fn(g_features).items()})
+        metrics.update(batch_metrics(divergence, g_log_pi, g_log_q, g_log_a, g_log_p, g_tokens, g_rewards, g_texts))
+        metrics.update(self.log_z.summary())
+        self._last_samples = {"completion": g_texts, "prompt": self.gather_list(list(batch.prompts)),
+                              "scores": g_features, "log_pi": g_log_pi, "log_a": g_log_a, "log_p": g_log_p,
+                              "pseudo_reward": g_rewards, **per_sample}
+        self._tokens_this_step = sum(len(r) for r in g_tokens)
+        return metrics
+
+    def optimizer_step(self) -> float | None:
+        """Clip the gradient (``max_grad_norm``), step the optimizer, zero the gradients; the norm before clipping."""
+        grad_norm = None
+        if self.config.max_grad_norm is not None:
+            grad_norm = float(self.accelerator.clip_grad_norm_(list(self._trainable().values()),
+                                                               self.config.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def finish_metrics(self, metrics: dict[str, Any], timings: Mapping[str, float], started: float) -> dict[str, Any]:
+        """Add the phase timings, the step's time and the throughput (completion tokens per second)."""
+        total = time.perf_counter() - started
+        metrics.update({"tokens_per_s": self._tokens_this_step / total, "time/step": total, **timings})
+        return metrics
+
+    # ------------------------------------------------------------------ logging and checkpoints
+    def _log_samples(self, step: int) -> None:
+        columns = self._last_samples
+        scores = columns["scores"]
+        numeric = [k for k in columns if k not in ("completion", "prompt", "scores")]
+        records = [
+            {"step": step, "prompt": columns["prompt"][i], "completion": columns["completion"][i],
+             "scores": {k: float(v[i]) for k, v in scores.items()},
+             **{k: float(columns[k][i]) for k in numeric}}
+            for i in range(len(columns["completion"]))
+        ]
+        self.run.samples.write_many(records)
+
+    def save(self, barrier: bool = True) -> None:
+        """Checkpoint the state after ``self.step`` completed steps (the main process writes)."""
+        if barrier:
+            self.accelerator.wait_for_everyone()
+        if self.is_main and self.run is not None:
+            save_checkpoint(self.run.dir, self.step, dict(self._trainable()), self.optimizer.state_dict(),
+                            self.scheduler.state_dict(), self.algorithm_state(), proposal=self.proposal)
+        if barrier:
+            self.accelerator.wait_for_everyone()
+
+    def _restore(self, run: RunLog) -> None:
+        saved = run.saved_config()
+        diff = incompatible_settings(saved, self.config)
+        # config.json holds the resolved `conditional` (unset = the target decides): compare resolved values.
+        if "conditional" in diff and saved.get("conditional") == self.conditional:
+            del diff["conditional"]
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(f"cannot resume {run.dir}: settings differ ({lines}). Resume with the same settings.")
+        if saved.get("target") not in (None, self.target.describe()) and self.is_main:
+            print(f"[fdpg] warning: the target was {saved['target']!r} in {run.dir} but is "
+                  f"{self.target.describe()!r} now (a refitted lambda may differ slightly)", flush=True)
+        path = latest_checkpoint(run.dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume {run.dir}: no checkpoint in {run.dir / 'checkpoints'}")
+        ckpt = load_checkpoint(path)
+        params = self._trainable()
+        missing = sorted(set(params) - set(ckpt.trainable))
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks parameters {missing[:5]}...: was it made with another model?")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(ckpt.trainable[name].to(p.device))
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.scheduler.load_state_dict(ckpt.scheduler)
+        self.load_algorithm_state(ckpt.state)
+        self.proposal = ckpt.proposal
+        self.step = ckpt.step
+        if self.is_main:
+            run.metrics.truncate_after_step(self.step)
+            run.samples.truncate_after_step(self.step)
+            print(f"[fdpg] resumed {run.dir} from {path.name}", flush=True)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
+    def save_final(self, directory: str) -> None:
+        """The trained policy (adapter or model) and the algorithm's modules (``NAME.safetensors``)."""
+        from safetensors.torch import save_file
+
+        self.policy.save_pretrained(directory, self._unwrapped())
+        for name, module in self.extra_modules.items():
+            state = {k: v.detach().cpu().contiguous() for k, v in self.accelerator.unwrap_model(module)
+                     .state_dict().items()}
+            save_file(state, os.path.join(directory, f"{name}.safetensors"))
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, Any]:
+        """Run until ``config.steps``; returns the summary. Resumes when ``config.resume`` is set."""
+        cfg = self.config
+        if cfg.resume:
+            self.run = RunLog.open_existing(cfg.resume)
+            self._restore(self.run)
+        elif self.is_main:
+            self.run = RunLog.create(cfg.output_dir, {**cfg.to_dict(), "target": self.target.describe(),
+                                                      "conditional": self.conditional, **self.run_extras})
+        if self.is_main and cfg.report_to != "none":
+            self.accelerator.init_trackers("fdpg", config=cfg.to_dict())
+        # Signal handlers can only be installed from the main thread; elsewhere the caller handles signals.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if in_main_thread else {}
+        status, error = "finished", None
+        last: dict[str, Any] = {}
+        started = time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main),
+                   desc=self.algorithm)
+        try:
+            while self.step < cfg.steps:
+                # A failed step leaves the estimators as they were before it (the weights have not moved).
+                snapshot = (copy.deepcopy(self.algorithm_state()), self.proposal)
+                try:
+                    last = self.train_step(self.step)
+                except BaseException:
+                    self.load_algorithm_state(snapshot[0])
+                    self.proposal = snapshot[1]
+                    raise
+                self.step += 1
+                if self.is_main:
+                    self.run.metrics.write(last)
+                    if cfg.log_samples_every and self.step % cfg.log_samples_every == 0:
+                        self._log_samples(self.step)
+                    if cfg.report_to != "none":
+                        self.accelerator.log({k: v for k, v in last.items() if isinstance(v, (int, float))},
+                                             step=self.step)
+                    bar.set_postfix(self._postfix(last), refresh=False)
+                    bar.update(1)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save()
+                if self._stop_signal is not None:
+                    raise StopTraining(f"stopped by signal {signal.Signals(self._stop_signal).name}")
+        except StopTraining as exc:
+            status, error = "interrupted", str(exc)
+            self._emergency_save()
+        except BaseException as exc:
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            self._emergency_save()
+            raise
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            summary = {"status": status, "error": error, "steps_completed": self.step, "steps": cfg.steps,
+                       "wall_time_s": time.perf_counter() - started, "last_metrics": last}
+            if self.is_main and self.run is not None:
+                self.run.write_json("summary.json", summary)
+                if status == "finished":
+                    self.save_final(str(self.run.dir / "final"))
+                self.run.close()
+            if cfg.report_to != "none":
+                self.accelerator.end_training()
+        return summary
+
+    def _emergency_save(self) -> None:
+        """Leave a resumable checkpoint of the last completed step (if not already saved)."""
+        if self.run is None or self.step == 0:
+            return
+        path = latest_checkpoint(self.run.dir)
+        if path is None or path.name != f"step-{self.step}":
+            try:
+                self.save(barrier=False)  # other processes may be gone: no collective calls here
+            except Exception as exc:  # never hide the original error behind a saving error
+                print(f"[fdpg] could not save a checkpoint after the error: {exc}", flush=True)
+
+    @staticmethod
+    def _postfix(metrics: Mapping[str, Any]) -> dict[str, str]:
+        keys = [k for k in metrics if k.startswith("score/")][:2] + ["kl_pi_a", "d_f"]
+        return {k.removeprefix("score/"): f"{metrics[k]:.3g}" for k in keys
+                if isinstance(metrics.get(k), (int, float))}
+
+    @property
+    def run_dir(self):
+        return None if self.run is None else self.run.dir
