@@ -66,3 +66,36 @@ def test_temperature_makes_a_proposal_corrected_by_importance_weights(make_train
     assert summary["status"] == "finished"
     metrics = read_jsonl(trainer.run_dir / "metrics.jsonl")
     assert all(0 < m["is_ess"] < 8.0 for m in metrics)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_importance_weights_are_pi_over_q_clipped_at_the_setting(make_trainer, monkeypatch: pytest.MonkeyPatch,
+                                                                  clip: float | None) -> None:
+    """Temperature 2 samples from a flatter q: the loss gets w = min(pi/q, clip) per sample (pi/q without clip)."""
+    import fdpg.trainer
+
+    trainer = make_trainer(temperature=2.0, importance_weight_clip=clip, batch_size=16, generation_batch_size=16,
+                           micro_batch_size=4)
+    batches, weights_seen = [], []
+    sample, surrogate_loss = trainer.sample, fdpg.trainer.surrogate_loss
+
+    def recording_sample(step: int):
+        batches.append(sample(step))
+        return batches[-1]
+
+    def recording_loss(log_pi, rewards, baseline, weights=None, **kwargs):
+        weights_seen.append(weights.detach().clone())
+        return surrogate_loss(log_pi, rewards, baseline, weights, **kwargs)
+
+    monkeypatch.setattr(trainer, "sample", recording_sample)
+    monkeypatch.setattr(fdpg.trainer, "surrogate_loss", recording_loss)
+    trainer.train_step(0)
+    assert len(weights_seen) == 4  # one call per micro-batch
+    applied = torch.cat(weights_seen).double()
+    ratio = torch.exp(batches[0].log_pi.double() - batches[0].log_q.double())
+    assert (ratio > 1.0).any() and (ratio < 1.0).any()  # so that clipping at 1 matters, and not everywhere
+    if clip is None:
+        torch.testing.assert_close(applied, ratio)
+    else:
+        assert (applied <= clip).all()
+        torch.testing.assert_close(applied, ratio.clamp(max=clip))

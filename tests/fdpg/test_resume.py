@@ -27,8 +27,11 @@ class ScorerError(RuntimeError):
     pass
 
 
+SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT}
+
+
 class FlakyScorer:
-    """The toy scorer, with an action (raise, or send a signal) on its ``at``-th call."""
+    """The toy scorer, with an action (``raise``, or send a signal: ``sigterm``, ``sigint``) on its ``at``-th call."""
 
     def __init__(self, at: int, action: str) -> None:
         self.at, self.action, self.calls = at, action, 0
@@ -38,7 +41,7 @@ class FlakyScorer:
         if self.calls == self.at:
             if self.action == "raise":
                 raise ScorerError("the scorer's server went away")
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), SIGNALS[self.action])
         return toy_scorer(completions, prompts)
 
 
@@ -118,6 +121,35 @@ def test_sigterm_finishes_the_step_saves_and_resumes(reference_run, tiny_model_d
     assert saved["status"] == "interrupted"
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
     assert [p.name for p in checkpoint_dirs(run_dir)] == ["step-2"]
+
+    resumed = _resume(tiny_model_dir, run_dir, lora_r)
+    _assert_reproduces(reference_run, run_dir, resumed)
+
+
+def test_sigint_finishes_the_step_saves_and_resumes(reference_run, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) as SIGTERM: the step in progress completes, is checkpointed, and the run resumes."""
+    def outside_the_trainer(signum, frame):
+        raise AssertionError("SIGINT reached the handler that was installed before the trainer's")
+
+    # Python's default handler would raise KeyboardInterrupt and end the pytest session if the trainer did not
+    # take SIGINT over: a handler that fails the test instead
+    previous = signal.signal(signal.SIGINT, outside_the_trainer)
+    try:
+        lora_r = reference_run["lora_r"]
+        trainer = build_trainer(tiny_model_dir, tmp_path / "run", steps=STEPS, lora_r=lora_r,
+                                scorer=FlakyScorer(at=2, action="sigint"))
+        summary = trainer.train()
+        assert signal.getsignal(signal.SIGINT) is outside_the_trainer  # the trainer's handler is removed again
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    run_dir = trainer.run_dir
+    assert summary["status"] == "interrupted" and "SIGINT" in summary["error"]
+    assert summary["steps_completed"] == 2
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["status"] == "interrupted" and saved["steps_completed"] == 2
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["step-2"]
+    assert not (run_dir / "final").exists()
 
     resumed = _resume(tiny_model_dir, run_dir, lora_r)
     _assert_reproduces(reference_run, run_dir, resumed)

@@ -482,23 +482,35 @@ def test_custom_divergences_match_closed_forms() -> None:
         t_log_t.pseudo_reward(torch.tensor([-1.0]), torch.tensor([-INF]))
 
 
+def _grid_t(s: float) -> str:
+    """``t = e^s`` as the validation message prints it (the grid is s = -10, -9.9, ..., 10)."""
+    return f"t = {math.exp(s):.6g}"
+
+
 @pytest.mark.parametrize(
-    ("fn", "check"),
+    ("fn", "check", "where"),
     [
-        (lambda t: t * torch.log(t) + 1.0, "f(1) = 0"),
-        (lambda t: 1.0 / (t - 1.0), "f(1) = 0"),
-        (lambda t: torch.sin(t - 1.0), "convexity"),
-        (lambda t: -((t - 1.0) ** 2), "convexity"),
-        (lambda t: -torch.log(t - 0.5) - LOG2, "finiteness"),  # NaN for t < 1/2
-        (lambda t: ((t - 1.0) ** 2).sum(), "elementwise"),
-        (lambda t: t.numpy_only_method(), "could not be evaluated"),
+        (lambda t: t * torch.log(t) + 1.0, "f(1) = 0", "f(1) = 1.0"),
+        (lambda t: 1.0 / (t - 1.0), "f(1) = 0", "f(1) = inf"),
+        # f' = cos(t - 1) rises up to t = 1 and first falls on the grid's next point, e^0.1
+        (lambda t: torch.sin(t - 1.0), "convexity", _grid_t(0.1)),
+        (lambda t: -((t - 1.0) ** 2), "convexity", _grid_t(-9.9)),  # f' = -2(t - 1) falls from the start
+        (lambda t: -torch.log(t - 0.5) - LOG2, "finiteness", _grid_t(-10.0)),  # NaN for t < 1/2
+        # finite below t = 50 only: the first grid point above 50 is e^4 = 54.6
+        (lambda t: torch.where(t > 50.0, torch.nan, (t - 1.0) ** 2), "finiteness", _grid_t(4.0)),
+        # convex up to t = 20, then constant: f' drops from 2(t - 1) to 0 at the grid point e^3 = 20.1
+        (lambda t: torch.where(t < 20.0, (t - 1.0) ** 2, 361.0 + 0.0 * t), "convexity", _grid_t(3.0)),
+        (lambda t: ((t - 1.0) ** 2).sum(), "elementwise", "returned shape ()"),
+        (lambda t: t.numpy_only_method(), "could not be evaluated", "t in [e^-10, e^10]"),
     ],
 )
-def test_invalid_generators_are_rejected(fn, check: str) -> None:
+def test_invalid_generators_are_rejected(fn, check: str, where: str) -> None:
+    """A failing check names itself and the first t where it fails (README)."""
     with pytest.raises(
         InvalidGeneratorError, match=r"'bad'.*" + check.replace("(", r"\(").replace(")", r"\)")
-    ):
+    ) as info:
         CustomDivergence(fn, name="bad")
+    assert where in str(info.value), str(info.value)
 
 
 def test_validation_can_be_skipped() -> None:

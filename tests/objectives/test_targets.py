@@ -133,5 +133,8 @@ def test_toy_targets_compose_over_the_enumeration(rl_problem: ToyProblem) -> Non
     expected = p.log_a + p.features["reward"] / beta + torch.log(p.features["b"]) + 0.3 * p.features["phi"]
     torch.testing.assert_close(composed.log_P(p.log_a, p.features), expected)
     idx = torch.tensor([4, 0, 26, 4])
-    torch.testing.assert_close(p.sampled_log_P(idx), p.log_P[idx])
+    # the target on sampled scores (a repeated index included) against log a + r / beta written out
+    sampled = p.sampled_log_P(idx)
+    torch.testing.assert_close(sampled, p.log_a[idx] + p.features["reward"][idx] / beta)
+    assert sampled[0] == sampled[3] and len(set(sampled.tolist())) == 3
     assert math.isclose(float(torch.logsumexp(p.log_p, 0)), 0.0, abs_tol=1e-12)

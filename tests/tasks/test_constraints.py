@@ -48,6 +48,17 @@ def test_single_group_is_fit_lambdas() -> None:
     a = fit_moments(phi, moments, groups=["c"] * 50)
     b = fit_lambdas(phi, moments)
     assert a.lambdas == pytest.approx(b.lambdas)
+    # independently of both: the samples reweighted by e^(lambda . phi) (self-normalised) meet the moments
+    matrix = np.stack([phi["x"].numpy(), phi["y"].numpy()], axis=1)
+    logits = matrix @ np.array([a.lambdas["x"], a.lambdas["y"]])
+    weights = np.exp(logits - logits.max())
+    weights /= weights.sum()
+    assert weights @ matrix == pytest.approx([0.6, 0.2], abs=1e-6)
+    assert abs(a.lambdas["x"]) > 0.1  # x's base moment is not 0.6: lambda != 0
+    # and one feature: lambda is the root of the moment equation (bracketing, not the dual's Newton steps)
+    x = phi["x"].numpy()
+    exact = brentq(lambda lam: float((x * np.exp(lam * x)).sum() / np.exp(lam * x).sum()) - 0.6, -20, 20, xtol=1e-12)
+    assert fit_moments({"x": phi["x"]}, {"x": 0.6}, groups=["c"] * 50).lambdas["x"] == pytest.approx(exact, abs=1e-6)
 
 
 def test_two_features_grouped_and_reachability() -> None:

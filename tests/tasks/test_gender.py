@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -100,14 +101,42 @@ def test_options_are_checked() -> None:
         get_task("gender").build(0.1, {"moment": "half"})
 
 
-def test_two_steps_toward_the_fitted_target(smoke_run) -> None:
-    """Random tiny-model text has no gendered words: fit on fixed texts, then train toward that target."""
+def _per_prompt_moment(texts: list[str], prompts: list[str], lam: float) -> float:
+    """The prompt-averaged E_p[female] of p(x|c) = a(x|c) e^(lam female) / Z_c on samples (x, c), computed here."""
+    by_prompt: dict[str, list[float]] = {}
+    for text, prompt in zip(texts, prompts):
+        by_prompt.setdefault(prompt, []).append(is_female(text))
+    total = 0.0
+    for phi in by_prompt.values():
+        weights = [math.exp(lam * v) for v in phi]
+        total += len(phi) / len(texts) * sum(w * v for w, v in zip(weights, phi)) / sum(weights)
+    return total
+
+
+def test_two_steps_toward_the_fitted_target(smoke_run, tmp_path) -> None:
+    """Random tiny-model text has no gendered words: fit on fixed texts, then train toward that target.
+
+    The fitted lambda meets the moment on the fit samples (computed here, per prompt), the run trains
+    toward that target (``config.json``), and its logged female fraction is that of its samples.
+    """
     spec = get_task("gender").build(0.1, {}, ["bio:", "she"])
     sample, calls = _fixed_sampler([SHE, HE, HE], spec.prompts)
-    fitted, _ = spec.fitted(sample)
+    fitted, fit = spec.fitted(sample)
     assert calls == [256]  # the task's suggestion when the caller gives no n
+    lam = fit.details["lambdas"]["female"]
+    texts, prompts = sample(256)
+    assert _per_prompt_moment(texts, prompts, lam) == pytest.approx(0.5, abs=1e-6)
+    assert _per_prompt_moment(texts, prompts, 0.0) == pytest.approx(1 / 3, abs=0.01)  # the base rate
     metrics = smoke_run(fitted, divergence="fkl")
-    assert all(m["score/female_fraction"] == pytest.approx(0.5 + m["score/female_fraction_error"])
-               for m in metrics)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert config["target"] == fitted.target.describe() != spec.target.describe()
+    described = re.fullmatch(r"P\(x\|c\) = a \* exp\((.+)\*female\)", config["target"])
+    assert described and float(described.group(1)) == pytest.approx(lam, rel=1e-3)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    for m in metrics:
+        scores = [s["scores"]["female"] for s in samples if s["step"] == m["step"]]
+        assert scores == [is_female(s["completion"]) for s in samples if s["step"] == m["step"]]
+        assert m["score/female_fraction"] == pytest.approx(sum(scores) / len(scores))
+        assert m["score/female_fraction"] == pytest.approx(0.5 + m["score/female_fraction_error"])
     log_p = fitted.target.log_P(torch.zeros(2), {"female": torch.tensor([1.0, 0.0])})
     assert log_p[0] > log_p[1]

