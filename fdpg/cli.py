@@ -3,6 +3,7 @@
 ::
 
     fdpg train [--config FILE.yaml] [--task sentiment] [--divergence js] [--beta 0.1] ...
+    fdpg train --algo ppo --task sentiment --beta 0.1 ...       the PPO baseline on the same engine
     fdpg eval --task sentiment --model RUN_DIR_OR_MODEL [--n 64]   metrics of a model or a run
     fdpg analyze runs/* --out report                               Pareto frontier and plots of runs
     fdpg divergences            list the registered f-divergences
@@ -51,6 +52,8 @@ def apply_task_defaults(config: TrainConfig, explicit: set[str]) -> TrainConfig:
 
     suggested = {k: v for k, v in getattr(get_task(config.task), "defaults", {}).items()
                  if k in {f.name for f in dataclasses.fields(TrainConfig)} and k not in explicit}
+    if config.algo != "fdpg":
+        suggested.pop("divergence", None)  # a task's suggested f is f-DPG's; PPO is reverse KL by definition
     changed = {k: v for k, v in suggested.items() if getattr(config, k) != v}
     if changed:
         print(f"[fdpg] task {config.task!r} defaults: " + ", ".join(f"{k}={v}" for k, v in changed.items()),
@@ -74,6 +77,7 @@ def build_trainer(config: TrainConfig):
     import torch
 
     from fdpg.policy import LoraSettings, Policy
+    from fdpg.ppo import PPOTrainer, reward_target
     from fdpg.trainer import FDPGTrainer
     from objectives import get_divergence
     from tasks import get_task
@@ -82,31 +86,56 @@ def build_trainer(config: TrainConfig):
     task = get_task(config.task)
     prompts = read_prompts_file(config.prompts_file) if config.prompts_file else None
     spec = task.build(config.beta, config.task_options(), prompts)
+    if config.algo == "ppo":
+        # PPO needs a reward, not a fitted target: refused or rebuilt here, before any model is loaded.
+        spec.target, spec.fit = reward_target(spec.target, config.reward_feature, config.beta), None
     torch.manual_seed(config.seed)
     lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules) \
         if config.lora_r > 0 else None
     policy = Policy.from_pretrained(config.model, lora=lora, trust_remote_code=config.trust_remote_code)
-    target, fit_details = fit_target(spec, policy, config.max_new_tokens, config.fit_samples, config.seed)
-    trainer = FDPGTrainer(config, policy, target, spec.scorer, spec.prompts, spec.metrics)
+    target, fit_details = fit_target(spec, policy, config.max_new_tokens, config.fit_samples, config.seed,
+                                     resume=config.resume)
+    algorithm = PPOTrainer if config.algo == "ppo" else FDPGTrainer
+    trainer = algorithm(config, policy, target, spec.scorer, spec.prompts, spec.metrics)
     trainer.run_extras = {"target_fit": fit_details} if fit_details else {}
     return trainer
 
 
-def fit_target(spec, policy, max_new_tokens: int, n: int | None, seed: int):
+def fit_target(spec, policy, max_new_tokens: int, n: int | None, seed: int, resume: str | None = None):
     """The task's target, fitted first on ``n`` base-model samples when the task asks for it.
 
     ``n=None`` takes the task's suggestion. Base samples are stratified over the prompts (equal counts
-    per prompt) and seeded, so a resumed run refits exactly the same target.
+    per prompt) and seeded. When resuming (``resume``: the run directory), the fit recorded in the run's
+    ``config.json`` (``target_fit``) is restored without sampling again; a run without a record (made
+    before fits were recorded) is fitted again, on the same seeded samples.
     """
     if getattr(spec, "fit", None) is None:
         return spec.target, None
-    from tasks.constraints import base_sampler
+    from tasks.constraints import base_sampler, restore_fit
 
+    recorded = recorded_fit(resume) if resume else None
+    if recorded is not None:
+        lambdas = ", ".join(f"{k} = {v:+.4f}" for k, v in recorded["lambdas"].items())
+        print(f"[fdpg] target restored from the fit recorded in {Path(resume) / 'config.json'}: lambda {lambdas}",
+              file=sys.stderr, flush=True)
+        return restore_fit(spec, recorded).target, recorded
     n = n or spec.fit_samples or 256
     print(f"[fdpg] fitting the target on {n} samples of the base model", file=sys.stderr, flush=True)
     fit = spec.fit(base_sampler(policy, spec.prompts, max_new_tokens, seed + 1), n)
     print(fit.report, file=sys.stderr, flush=True)
     return fit.target, getattr(fit, "details", None)
+
+
+def recorded_fit(run_dir: str) -> dict | None:
+    """The ``target_fit`` record of a run directory's ``config.json`` (``None`` when absent or unreadable)."""
+    import json
+
+    try:
+        saved = json.loads((Path(run_dir) / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the trainer reports a missing or broken run directory itself
+    record = saved.get("target_fit") if isinstance(saved, dict) else None
+    return record if isinstance(record, dict) and "lambdas" in record else None
 
 
 def cmd_train(argv: Sequence[str]) -> int:
