@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: The training algorithms of ``--algo``.
+ALGORITHMS = ("fdpg", "ppo")
+#: PPO's critics (``--critic``).
+CRITICS = ("policy_head", "value_model", "none")
 #: Fields that may differ between a run and its resumption (everything else must match).
 RESUMABLE_CHANGES = frozenset({"steps", "resume", "output_dir", "report_to", "save_every", "log_samples_every",
                                "progress"})
@@ -22,6 +26,10 @@ RESUMABLE_CHANGES = frozenset({"steps", "resume", "output_dir", "report_to", "sa
 @dataclass
 class TrainConfig:
     """Everything that defines an f-DPG run."""
+
+    # --- the algorithm
+    algo: str = field(default="fdpg", metadata={
+        "help": "fdpg (f-divergence minimisation) or ppo (the RLHF baseline, reverse KL toward a exp(r/beta))."})
 
     # --- what to align, toward what
     model: str = field(default="smollm2-135m-instruct", metadata={
@@ -89,6 +97,41 @@ class TrainConfig:
     mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (through accelerate)."})
     seed: int = field(default=0, metadata={"help": "Seed of prompts, sampling and initialisation."})
 
+    # --- PPO (--algo ppo; Schulman et al. 2017, as in Ziegler et al. 2019 and InstructGPT)
+    reward_feature: str | None = field(default=None, metadata={
+        "help": "PPO: the task feature used as the reward (default: r of a task whose target is a exp(r/beta)); "
+                "name one, e.g. a 0/1 constraint, for other targets."})
+    ppo_epochs: int = field(default=4, metadata={"help": "PPO: epochs over each batch."})
+    ppo_minibatches: int = field(default=1, metadata={
+        "help": "PPO: minibatches per epoch (shuffled; one optimizer step each); must divide the batch."})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO: epsilon of the clipped ratio."})
+    dual_clip: float | None = field(default=None, metadata={
+        "help": "PPO: dual-clip constant c > 1 bounding the loss of negative advantages (None: off)."})
+    value_clip: float | None = field(default=0.2, metadata={"help": "PPO: clip of V around its old value (None: off)."})
+    vf_coef: float = field(default=0.1, metadata={"help": "PPO: value-loss coefficient."})
+    entropy_coef: float = field(default=0.0, metadata={"help": "PPO: entropy bonus coefficient."})
+    gamma: float = field(default=1.0, metadata={"help": "PPO: discount of GAE."})
+    gae_lambda: float = field(default=0.95, metadata={"help": "PPO: lambda of GAE."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "PPO: whiten the advantages over the batch."})
+    kl_estimator: str = field(default="k1", metadata={"help": "PPO: per-token KL(pi||a) estimator k1, k2 or k3."})
+    kl_in: str = field(default="reward", metadata={
+        "help": "PPO: put beta * KL in the per-token reward (InstructGPT) or in the loss."})
+    target_kl: float | None = field(default=None, metadata={
+        "help": "PPO: adaptive KL controller target (Ziegler et al. 2019), nats per sequence; None: fixed beta."})
+    kl_horizon: int = field(default=10000, metadata={"help": "PPO: horizon of the adaptive KL controller."})
+    reward_clip: float | None = field(default=None, metadata={"help": "PPO: clip the reward to [-c, c]."})
+    normalize_rewards: bool = field(default=False, metadata={
+        "help": "PPO: divide rewards by their running standard deviation (after subtracting the running mean)."})
+    missing_eos_penalty: float | None = field(default=None, metadata={
+        "help": "PPO: subtract this from the reward of completions that end without EOS."})
+    critic: str = field(default="policy_head", metadata={
+        "help": "PPO: policy_head (a value head on the policy's own backbone, trained with it), value_model "
+                "(a separate model, --value_model) or none (V = 0)."})
+    value_model: str | None = field(default=None, metadata={
+        "help": "PPO: the separate value model's hub name or path (--critic value_model); same tokenizer."})
+    loss_aggregation: str = field(default="token_mean", metadata={
+        "help": "PPO: token_mean, seq_mean_token_sum (a constant normaliser) or seq_mean_token_mean."})
+
     # --- run directory, logging, checkpoints
     output_dir: str = field(default="runs/fdpg", metadata={
         "help": "Run directory; an existing run is never overwritten (a fresh '-N' suffix is used)."})
@@ -133,6 +176,52 @@ class TrainConfig:
 
         if self.baseline not in BASELINES:
             raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {self.algo!r}")
+        if self.algo == "ppo":
+            self._validate_ppo()
+
+    def _validate_ppo(self) -> None:
+        from objectives import ReverseKL, get_divergence
+        from objectives.rl import AGGREGATIONS, KL_ESTIMATORS
+
+        if not isinstance(get_divergence(self.divergence), ReverseKL):
+            raise ValueError(f"--algo ppo optimises the reverse-KL objective E[r] - beta KL(pi||a), so --divergence "
+                             f"{self.divergence!r} does not apply; drop it (or use --algo fdpg for other divergences)")
+        if self.proposal_differs:
+            raise ValueError("--algo ppo samples from pi itself (its ratio is pi/pi_old): drop --temperature, --top_p "
+                             "and --off_policy, or use --algo fdpg, which corrects for a proposal")
+        for name in ("ppo_epochs", "ppo_minibatches", "kl_horizon"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.ppo_minibatches:
+            raise ValueError(f"--ppo_minibatches ({self.ppo_minibatches}) must divide --batch_size ({self.batch_size})")
+        checks = {"clip_range": self.clip_range > 0, "vf_coef": self.vf_coef >= 0,
+                  "entropy_coef": self.entropy_coef >= 0,
+                  "gamma": 0 <= self.gamma <= 1, "gae_lambda": 0 <= self.gae_lambda <= 1,
+                  "dual_clip": self.dual_clip is None or self.dual_clip > 1,
+                  "value_clip": self.value_clip is None or self.value_clip > 0,
+                  "target_kl": self.target_kl is None or self.target_kl > 0,
+                  "reward_clip": self.reward_clip is None or self.reward_clip > 0}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            name = bad[0]
+            raise ValueError(f"--{name} {getattr(self, name)!r} is out of range (clip_range > 0, vf_coef and "
+                             "entropy_coef >= 0, gamma and gae_lambda in [0, 1], dual_clip > 1, value_clip, "
+                             "target_kl and reward_clip > 0)")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"--kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if self.kl_in not in ("reward", "loss"):
+            raise ValueError(f"--kl_in must be 'reward' or 'loss', got {self.kl_in!r}")
+        if self.loss_aggregation not in AGGREGATIONS:
+            raise ValueError(f"--loss_aggregation must be one of {', '.join(AGGREGATIONS)}, "
+                             f"got {self.loss_aggregation!r}")
+        if self.critic not in CRITICS:
+            raise ValueError(f"--critic must be one of {', '.join(CRITICS)}, got {self.critic!r}")
+        if (self.critic == "value_model") != (self.value_model is not None):
+            raise ValueError("--critic value_model needs --value_model NAME_OR_PATH, and --value_model needs "
+                             f"--critic value_model (got --critic {self.critic!r}, --value_model {self.value_model!r})")
 
     @property
     def proposal_differs(self) -> bool:
@@ -156,10 +245,12 @@ class TrainConfig:
 def incompatible_settings(saved: dict[str, Any], current: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """Settings that differ between a checkpointed run and the config used to resume it."""
     now = current.to_dict()
+    # A setting added after the run was made has its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     return {
-        key: (saved.get(key), now[key])
+        key: (saved.get(key, defaults[key]), now[key])
         for key in now
-        if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]
+        if key not in RESUMABLE_CHANGES and saved.get(key, defaults[key]) != now[key]
     }
 
 

@@ -33,8 +33,12 @@ CHUNK_ROWS = 256
 _HEAD_CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-def completion_token_log_probs(model: torch.nn.Module, batch: SampleBatch) -> torch.Tensor:
+def completion_token_log_probs(model: torch.nn.Module, batch: SampleBatch, return_hidden: bool = False
+                               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""``[B, T]`` log-probabilities of the completion tokens under ``model`` (0 where masked).
+
+    With ``return_hidden`` also the ``[B, T, D]`` final hidden states that predict them, :math:`h_t` of the state
+    :math:`s_t = (c, y_{<t})` (what a value head on the policy's backbone reads), from the same forward pass.
 
     One forward pass over prompt + completion with explicit position ids (so left padding does not shift
     positions). The LM head runs only on the ``T`` positions that predict completion tokens: fused with the
@@ -51,8 +55,9 @@ def completion_token_log_probs(model: torch.nn.Module, batch: SampleBatch) -> to
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     head = _fusable_head(model)
     if head is None:
-        out = model(**inputs, logits_to_keep=keep)
-        return TokenLogProb.apply(out.logits.float(), batch.completion_ids) * batch.completion_mask
+        out = model(**inputs, logits_to_keep=keep, output_hidden_states=return_hidden)
+        token_log_probs = TokenLogProb.apply(out.logits.float(), batch.completion_ids) * batch.completion_mask
+        return (token_log_probs, out.hidden_states[-1][:, keep]) if return_hidden else token_log_probs
 
     # The model computes its own logits for one position only (used once per head to check the fusion).
     out = model(**inputs, logits_to_keep=keep[-1:], output_hidden_states=True)
@@ -60,10 +65,12 @@ def completion_token_log_probs(model: torch.nn.Module, batch: SampleBatch) -> to
     if head not in _HEAD_CHECKED:
         _HEAD_CHECKED[head] = _head_reproduces_logits(head, hidden[:, -1], out.logits[:, -1])
         if not _HEAD_CHECKED[head]:
-            return completion_token_log_probs(model, batch)  # now through the logits path
+            return completion_token_log_probs(model, batch, return_hidden)  # now through the logits path
     mask = batch.completion_mask.bool()
     log_probs = LinearTokenLogProb.apply(hidden[mask], head.weight, head.bias, batch.completion_ids[mask])
-    return torch.zeros(mask.shape, dtype=log_probs.dtype, device=log_probs.device).masked_scatter(mask, log_probs)
+    token_log_probs = torch.zeros(mask.shape, dtype=log_probs.dtype, device=log_probs.device).masked_scatter(
+        mask, log_probs)
+    return (token_log_probs, hidden) if return_hidden else token_log_probs
 
 
 def _fusable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -142,3 +149,15 @@ class TokenLogProb(torch.autograd.Function):
         g = (logits - lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
         g.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
         return g, None
+
+
+def token_entropy(head: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    r"""``[B, T]`` entropy :math:`H(\pi(\cdot\mid s_t)) = \operatorname{lse}(z_t) - \sum_v \operatorname{softmax}(z_t)_v
+    z_{t,v}` of the next-token distributions from the hidden states (``logits = head(hidden)``; 0 where masked).
+
+    Holds the ``[N, V]`` logits of the real positions with their graph (an entropy bonus needs them)."""
+    keep = mask.bool()
+    logits = head(hidden[keep]).float()
+    log_probs = torch.log_softmax(logits, -1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return torch.zeros(mask.shape, dtype=entropy.dtype, device=entropy.device).masked_scatter(keep, entropy)

@@ -82,12 +82,21 @@ class SampleBatch:
 
     def slice(self, start: int, stop: int) -> SampleBatch:
         """Rows ``start:stop``, trimmed of all-padding columns (less work in the forward pass)."""
-        rows = {f.name: getattr(self, f.name)[start:stop] for f in fields(self)}
+        return self._trimmed({f.name: getattr(self, f.name)[start:stop] for f in fields(self)}, stop > start)
+
+    def rows(self, index: torch.Tensor) -> SampleBatch:
+        """The rows ``index`` (a 1-d tensor of row numbers, in that order), trimmed like :meth:`slice`."""
+        picked = {f.name: getattr(self, f.name)[index] if torch.is_tensor(getattr(self, f.name))
+                  else [getattr(self, f.name)[int(i)] for i in index] for f in fields(self)}
+        return self._trimmed(picked, len(index) > 0)
+
+    @staticmethod
+    def _trimmed(rows: dict, nonempty: bool) -> SampleBatch:
         prompt_keep = rows["prompt_mask"].any(0)
         first = int(prompt_keep.nonzero()[0]) if bool(prompt_keep.any()) else rows["prompt_mask"].shape[1] - 1
         for name in ("prompt_ids", "prompt_mask"):
             rows[name] = rows[name][:, first:]
-        width = max(int(rows["completion_mask"].sum(-1).max()), 1) if stop > start else 1
+        width = max(int(rows["completion_mask"].sum(-1).max()), 1) if nonempty else 1
         for name in ("completion_ids", "completion_mask", "token_log_q", "token_log_pi"):
             rows[name] = rows[name][:, :width]
         return SampleBatch(**rows)

@@ -1,0 +1,309 @@
+r"""PPO for language models (Schulman et al. 2017; Ziegler et al. 2019; InstructGPT, Ouyang et al. 2022).
+
+The RLHF baseline on the shared engine (:class:`fdpg.engine.OnlineTrainer`): the same sampling, scoring,
+reference pass, run directory, checkpoints and metric names as f-DPG. It maximises
+:math:`E_\pi[r] - \beta\,KL(\pi\|a)`, i.e. minimises :math:`\beta\,KL(\pi\|p)` for :math:`p\propto a\,e^{r/\beta}`
+(the f-DPG reverse-KL target; :mod:`objectives.rl` gives the exact correspondence). One step:
+
+1. sample completions from :math:`\pi_{old} = \pi_\theta`, recording :math:`\log\pi_{old}(y_t\mid s_t)` per token;
+2. score them with the task (the reward feature :math:`r`), and :math:`\log a(y_t\mid s_t)` from the reference;
+3. the critic's values :math:`V_{old}(s_t)` in one no-grad pass (a value head on the policy's backbone by default);
+4. per-token rewards: :math:`r` on each completion's last real token (after the optional EOS penalty, running
+   normalisation and clipping) minus :math:`\beta\,\widehat{KL}_t` (k1, k2 or k3; or the KL in the loss instead);
+5. GAE(:math:`\gamma, \lambda`) advantages and returns, advantages whitened over the global batch;
+6. ``ppo_epochs`` epochs of ``ppo_minibatches`` shuffled minibatches: the clipped surrogate (optionally
+   dual-clipped), plus ``vf_coef`` times the clipped value loss, minus ``entropy_coef`` times the entropy,
+   aggregated per ``loss_aggregation``; one optimizer step per minibatch (micro-batched backward);
+7. the adaptive KL controller sees the batch's KL; the scheduler steps once per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from fdpg.critic import ValueHead, ValueModel, hidden_size_of
+from fdpg.engine import OnlineTrainer, seed_for
+from fdpg.log_probs import completion_token_log_probs, token_entropy
+from fdpg.sampling import SampleBatch, eos_token_ids
+from objectives import KLRegularisedReward, ReverseKL, Target
+from objectives.rl import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    aggregate,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    generalized_advantages,
+    kl_per_token,
+    last_token_index,
+    masked_mean,
+    masked_whiten,
+    place_on_last_token,
+)
+
+
+def reward_target(target: Target, reward_feature: str | None, beta: float) -> Target:
+    r"""PPO's target :math:`a\,e^{r/\beta}`: the task's own when it has that form, else one built on the feature
+    the user named (``--reward_feature``); anything else is refused with the reason."""
+    if reward_feature is not None:
+        return Target((KLRegularisedReward(reward_feature, beta),), True, target.conditional)
+    energies = target.energies
+    if target.include_base and len(energies) == 1 and isinstance(energies[0], KLRegularisedReward):
+        return target
+    raise ValueError(
+        f"--algo ppo maximises a scalar reward, but this task's target is {target.describe()}, not a exp(r/beta) "
+        "(a binary or distributional constraint). Use --algo fdpg (e.g. --divergence fkl, as GDC/DPG do), or name "
+        "the feature PPO should maximise with --reward_feature NAME (e.g. the 0/1 constraint).")
+
+
+class PPOTrainer(OnlineTrainer):
+    """PPO with a critic, GAE and the KL penalty toward the reference; see the module docstring.
+
+    Args: those of :class:`fdpg.engine.OnlineTrainer`; ``target`` must be :math:`a\\,e^{r/\\beta}`
+    (:func:`reward_target`), its feature :math:`r` is the reward.
+    """
+
+    algorithm = "PPO"
+
+    def __init__(self, config, policy, target, scorer, prompts=None, metrics_fn=None, accelerator=None) -> None:
+        if config.algo != "ppo":
+            raise ValueError(f"PPOTrainer needs --algo ppo, got {config.algo!r}")
+        target = reward_target(target, None, config.beta)
+        self.reward_feature = target.energies[0].reward
+        super().__init__(config, policy, target, scorer, prompts, metrics_fn, accelerator)
+        if self.local_batch % config.ppo_minibatches:
+            raise ValueError(f"--ppo_minibatches ({config.ppo_minibatches}) must divide each process's share of the "
+                             f"batch ({self.local_batch})")
+        self.divergence = ReverseKL()  # d_f of the shared metrics: KL(pi||p), the objective PPO minimises
+        self.kl_controller = (AdaptiveKLController(config.beta, config.target_kl, config.kl_horizon)
+                              if config.target_kl is not None else FixedKLController(config.beta))
+        self.reward_moments = RunningMoments()
+        self.eos_ids = eos_token_ids(self._unwrapped(), policy.tokenizer)
+
+    # ------------------------------------------------------------------ the critic and the state
+    def build_extra_modules(self) -> dict[str, torch.nn.Module]:
+        cfg = self.config
+        if cfg.critic == "policy_head":
+            return {"value_head": ValueHead(hidden_size_of(self.policy.model))}
+        if cfg.critic == "value_model":
+            return {"value_model": ValueModel.from_pretrained(cfg.value_model, self.policy.tokenizer,
+                                                              cfg.trust_remote_code)}
+        return {}
+
+    def algorithm_state(self) -> dict[str, Any]:
+        return {"log_z": self.log_z.state_dict(), "kl_controller": self.kl_controller.state_dict(),
+                "reward_moments": self.reward_moments.state_dict()}
+
+    def load_algorithm_state(self, state: Mapping[str, Any]) -> None:
+        self.log_z.load_state_dict(state["log_z"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.reward_moments.load_state_dict(state["reward_moments"])
+
+    def _forward(self, part: SampleBatch, need_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       torch.Tensor | None]:
+        """Per-token log pi, values (``None`` without a critic) and hidden states (when needed) of ``part``."""
+        critic = self.config.critic
+        hidden = None
+        if critic == "policy_head" or need_hidden:
+            token_log_pi, hidden = completion_token_log_probs(self.model, part, return_hidden=True)
+        else:
+            token_log_pi = completion_token_log_probs(self.model, part)
+        values = None
+        if critic == "policy_head":
+            values = self.extra_modules["value_head"](hidden) * part.completion_mask
+        elif critic == "value_model":
+            values = self.extra_modules["value_model"](part)
+        return token_log_pi, values, hidden
+
+    @torch.no_grad()
+    def old_values(self, batch: SampleBatch) -> torch.Tensor:
+        """``[B, T]`` float64 :math:`V_{old}(s_t)` before the update (zeros without a critic)."""
+        if self.config.critic == "none":
+            return torch.zeros(batch.completion_mask.shape, dtype=torch.float64)
+        out = []
+        width = batch.completion_ids.shape[1]
+        with self.accelerator.autocast():
+            for lo in range(0, len(batch), self.config.micro_batch_size):
+                part = batch.slice(lo, lo + self.config.micro_batch_size)
+                values = self._forward(part, need_hidden=False)[1]
+                out.append(torch.nn.functional.pad(values.double(), (0, width - values.shape[1])))
+        return torch.cat(out).cpu()
+
+    # ------------------------------------------------------------------ rewards and advantages
+    def sequence_rewards(self, batch: SampleBatch, scores: torch.Tensor) -> torch.Tensor:
+        """The task's reward after the EOS penalty, running normalisation and clipping (in that order)."""
+        cfg = self.config
+        scores = scores.double().clone()
+        if cfg.missing_eos_penalty is not None:
+            last = batch.completion_ids[torch.arange(len(batch)), last_token_index(batch.completion_mask)]
+            ended = torch.isin(last, torch.tensor(self.eos_ids)) & (batch.lengths > 0)
+            scores = scores - cfg.missing_eos_penalty * (~ended).double()
+        if cfg.normalize_rewards:
+            self.reward_moments.update(self.gather(scores))
+            scores = (scores - self.reward_moments.mean) / self.reward_moments.std
+        if cfg.reward_clip is not None:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        return scores
+
+    def token_scores(self, batch: SampleBatch, scores: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` the task's reward per token: on each completion's last real token."""
+        return place_on_last_token(scores, batch.completion_mask)
+
+    def global_moments(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+        """Mean and unbiased variance of ``x`` over the real tokens of every process."""
+        sums = self.gather(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).reshape(1, 3)).sum(0)
+        s, s2, n = (float(v) for v in sums)
+        mean = s / max(n, 1.0)
+        return mean, max(s2 - n * mean * mean, 0.0) / max(n - 1, 1.0)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Run optimisation step ``step`` (0-based) and return its metrics."""
+        cfg = self.config
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        batch = self.sample(step)
+        timings["time/generate"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        features = self.score(batch)
+        timings["time/score"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        token_log_a = self.token_log_probs(batch, reference=True)
+        timings["time/reference"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        old_values = self.old_values(batch)
+        timings["time/values"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        mask = batch.completion_mask.double()
+        token_log_old = batch.token_log_pi.double()
+        scores = self.sequence_rewards(batch, features[self.reward_feature])
+        beta = self.kl_controller.value
+        kl = kl_per_token(token_log_old, token_log_a, cfg.kl_estimator) * mask
+        token_rewards = self.token_scores(batch, scores)
+        if cfg.kl_in == "reward":
+            token_rewards = token_rewards - beta * kl
+        advantages, returns = generalized_advantages(token_rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
+        raw_advantages = advantages
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, moments=self.global_moments(advantages, mask))
+
+        # The shared metrics over the global batch (the same names as f-DPG's), before the weights move.
+        log_pi, log_a = token_log_old.sum(-1), token_log_a.sum(-1)
+        g_keys = self.gather_list(self.prompt_keys(batch.prompts))
+        g_log_P, g_log_pi, g_log_a = (self.gather(x) for x in (self.target.log_P(log_a, features), log_pi, log_a))
+        g_features = {k: self.gather(v) for k, v in features.items()}
+        g_log_p = self.update_log_z(g_log_P, g_log_pi, g_keys)
+        g_total = self.gather(token_rewards.sum(-1))
+        metrics = self.shared_metrics(step, batch, self.divergence, g_features, g_log_pi, g_log_pi, g_log_a, g_log_p,
+                                      g_total)
+        return_mean, return_var = self.global_moments(returns, mask)
+        advantage_mean, advantage_var = self.global_moments(raw_advantages, mask)
+        metrics.update({
+            "ppo/kl_coef": beta, "ppo/reward_mean": float(self.gather(scores).mean()),
+            "ppo/return_mean": return_mean, "ppo/return_std": math.sqrt(return_var),
+            "ppo/advantage_mean": advantage_mean, "ppo/advantage_std": math.sqrt(advantage_var),
+            "ppo/explained_variance": explained_variance(old_values, returns, mask)
+            if cfg.critic != "none" else None,
+        })
+        timings["time/bookkeeping"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        stats, optimizer_time = self.optimise(step, batch, token_log_old, token_log_a, old_values, advantages,
+                                              returns, beta)
+        self.scheduler.step()
+        timings["time/backward"] = time.perf_counter() - t - optimizer_time
+        timings["time/optimizer"] = optimizer_time
+
+        # Ziegler et al.'s controller reads the sequence KL (k1) of the batch.
+        self.kl_controller.update(float(self.gather((token_log_old - token_log_a).mul(mask).sum(-1)).mean()),
+                                  cfg.batch_size)
+        metrics.update({"lr": lr, **stats})
+        return self.finish_metrics(metrics, timings, t0)
+
+    def optimise(self, step: int, batch: SampleBatch, old_log_pi: torch.Tensor, log_a: torch.Tensor,
+                 old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
+                 beta: float) -> tuple[dict[str, float], float]:
+        """The epochs of shuffled minibatches; the mean of each loss statistic and the optimizer's time."""
+        cfg, acc = self.config, self.accelerator
+        n = self.local_batch
+        size = n // cfg.ppo_minibatches
+        stats: dict[str, list[float]] = defaultdict(list)
+        optimizer_time = 0.0
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(cfg.seed, step, 3, epoch)))
+            for m in range(cfg.ppo_minibatches):
+                index = order[m * size:(m + 1) * size]
+                n_tokens = float(batch.completion_mask[index].sum())
+                micro = [index[i:i + cfg.micro_batch_size] for i in range(0, size, cfg.micro_batch_size)]
+                minibatch: dict[str, float] = defaultdict(float)  # each micro-batch's share, summed
+                for k, rows in enumerate(micro):
+                    part = batch.rows(rows)
+                    w = part.completion_ids.shape[1]
+                    sync = nullcontext() if k == len(micro) - 1 else acc.no_sync(self.model)
+                    with sync, acc.autocast():
+                        loss, part_stats = self.loss(part, old_log_pi[rows, :w], log_a[rows, :w],
+                                                     old_values[rows, :w], advantages[rows, :w], returns[rows, :w],
+                                                     beta, size, n_tokens)
+                        acc.backward(loss)
+                    for key, value in part_stats.items():
+                        minibatch[key] += value
+                for key, value in minibatch.items():
+                    stats[key].append(value)
+                t = time.perf_counter()
+                grad_norm = self.optimizer_step()
+                optimizer_time += time.perf_counter() - t
+                if grad_norm is not None:
+                    stats["grad_norm"].append(grad_norm)
+        return {key: float(sum(v) / len(v)) for key, v in stats.items()}, optimizer_time
+
+    def loss(self, part: SampleBatch, old_log_pi: torch.Tensor, log_a: torch.Tensor, old_values: torch.Tensor,
+             advantages: torch.Tensor, returns: torch.Tensor, beta: float, n_sequences: int,
+             n_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """The PPO loss of one micro-batch (normalised over its whole minibatch) and its statistics (this
+        micro-batch's share of the minibatch's: they add up over its micro-batches)."""
+        cfg = self.config
+        device = part.completion_ids.device
+        old_log_pi, log_a, old_values, advantages, returns = (
+            x.to(device) for x in (old_log_pi, log_a, old_values, advantages, returns))
+        mask = part.completion_mask
+        token_log_pi, values, hidden = self._forward(part, need_hidden=cfg.entropy_coef > 0)
+        token_log_pi = token_log_pi.double()
+
+        def reduce(per_token: torch.Tensor) -> torch.Tensor:
+            return aggregate(per_token, mask, cfg.loss_aggregation, n_sequences, n_tokens)
+
+        policy_loss, clipped = clipped_policy_loss(token_log_pi, old_log_pi, advantages, cfg.clip_range, cfg.dual_clip)
+        loss = reduce(policy_loss)
+        log_ratio = (token_log_pi - old_log_pi).detach()
+        share = mask.sum() / n_tokens
+        stats = {"ppo/policy_loss": float(reduce(policy_loss.detach())),
+                 "ppo/approx_kl": float(masked_mean(torch.expm1(-log_ratio) + log_ratio, mask) * share),
+                 "ppo/clip_fraction": float(masked_mean(clipped.double(), mask) * share)}
+        if values is not None:
+            value_loss, value_clipped = clipped_value_loss(values.double(), old_values, returns, cfg.value_clip)
+            loss = loss + cfg.vf_coef * reduce(value_loss)
+            stats["ppo/value_loss"] = float(reduce(value_loss.detach()))
+            stats["ppo/value_clip_fraction"] = float(masked_mean(value_clipped.double(), mask) * share)
+        if cfg.kl_in == "loss":
+            kl = kl_per_token(token_log_pi, log_a, cfg.kl_estimator)
+            loss = loss + beta * reduce(kl)
+            stats["ppo/kl_loss"] = float(reduce(kl.detach()))
+        if cfg.entropy_coef > 0:
+            entropy = token_entropy(self._unwrapped().get_output_embeddings(), hidden, mask).double()
+            loss = loss - cfg.entropy_coef * reduce(entropy)
+            stats["ppo/token_entropy"] = float(masked_mean(entropy.detach(), mask) * share)
+        return loss, stats
