@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
@@ -162,3 +164,51 @@ def expected_trainer_gradient(exact: Sequence[ExactPrompt], div: Divergence, par
         mean_q = float((e.log_q[support].exp() * rewards).sum())
         total = total - (log_pi.detach().exp() * (rewards - mean_q) * log_pi).sum()
     return flat_grad(total / len(exact), params)
+
+
+# ----------------------------------------------------------------------------- trainers on the enumerable model
+def ab_scorer(completions: list[str], prompts: list[str]) -> dict[str, list[float]]:
+    """``reward`` = 1 + (#a - #b)/3 (the offset makes log Z far from 0), ``has_a`` = the completion has an a."""
+    return {"reward": [1.0 + (t.count("a") - t.count("b")) / 3 for t in completions],
+            "has_a": [float("a" in t) for t in completions]}
+
+
+def enumerable_trainer(model_dir, tmp_path, target=None, prompts=("",), beta: float = 0.5, batch: int = 64,
+                       **overrides: Any):
+    """A trainer (``algo`` chooses f-DPG or PPO) on the enumerable model with a random LoRA adapter (pi != a),
+    completions of at most 3 tokens, two micro-batches, no gradient clipping, the :func:`ab_scorer` reward."""
+    from fdpg_testing import nonzero_lora_policy
+
+    from fdpg.config import TrainConfig
+    from fdpg.ppo import PPOTrainer
+    from fdpg.trainer import FDPGTrainer
+    from objectives import rl_with_kl
+
+    settings: dict[str, Any] = dict(
+        model=str(model_dir), task="exactness", divergence="rkl", beta=beta, steps=100, batch_size=batch,
+        samples_per_prompt=batch // len(prompts), generation_batch_size=batch, micro_batch_size=batch // 2,
+        max_new_tokens=3, learning_rate=1e-3, max_grad_norm=None, seed=0, output_dir=str(tmp_path / "run"),
+        progress=False, lora_r=4, lora_target_modules="all-linear")
+    settings.update(overrides)
+    config = TrainConfig(**settings)
+    policy = nonzero_lora_policy(model_dir)
+    target = rl_with_kl("reward", beta) if target is None else target
+    algorithm = PPOTrainer if config.algo == "ppo" else FDPGTrainer
+    return algorithm(config, policy, target, ab_scorer, list(prompts))
+
+
+def recorded_gradients(trainer, steps: int, warmup: int = 2) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The gradient of the policy's trainable parameters at each of ``steps`` steps (``[steps, d]``), all at the
+    same parameters (the optimizer's step records the gradient and moves nothing), after ``warmup`` steps that
+    let the running estimates settle; and the recorded steps' metrics."""
+    params = list(trainer._policy_trainable().values())
+    grads: list[torch.Tensor] = []
+
+    def record(*args: Any, **kwargs: Any) -> None:
+        grads.append(torch.cat([p.grad.reshape(-1) for p in params]).double().clone())
+
+    trainer.optimizer.step = record
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+        metrics = [trainer.train_step(step) for step in range(warmup + steps)]
+    return torch.stack(grads[warmup:]), metrics[warmup:]

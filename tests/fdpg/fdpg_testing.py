@@ -48,8 +48,10 @@ def train_config(model_dir: Path | str, output_dir: Path | str, **overrides: Any
 
 def build_trainer(model_dir: Path | str, output_dir: Path | str, target=None, scorer=toy_scorer,
                   prompts=PROMPTS, **overrides: Any):
-    """An FDPGTrainer on a freshly loaded model; ``target`` defaults to ``rl_with_kl('reward', beta)``."""
+    """An FDPGTrainer (a PPOTrainer with ``algo="ppo"``) on a freshly loaded model; ``target`` defaults to
+    ``rl_with_kl('reward', beta)``."""
     from fdpg.policy import LoraSettings, Policy
+    from fdpg.ppo import PPOTrainer
     from fdpg.trainer import FDPGTrainer
     from objectives import rl_with_kl
 
@@ -59,7 +61,8 @@ def build_trainer(model_dir: Path | str, output_dir: Path | str, target=None, sc
     torch.manual_seed(config.seed)  # the LoRA initialisation, as `fdpg train` does
     policy = Policy.from_pretrained(config.model, lora=lora)
     target = target if target is not None else rl_with_kl("reward", config.beta)
-    return FDPGTrainer(config, policy, target, scorer, prompts)
+    algorithm = PPOTrainer if config.algo == "ppo" else FDPGTrainer
+    return algorithm(config, policy, target, scorer, prompts)
 
 
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:

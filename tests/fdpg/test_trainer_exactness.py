@@ -15,18 +15,22 @@ The logged metrics (``kl_pi_a``, ``kl_p_pi``, ``d_f``, ``entropy``) are checked 
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from enumerable_lm import ExactPrompt, exact_divergence_gradient, exact_prompt, expected_trainer_gradient
-from fdpg_testing import nonzero_lora_policy
+from enumerable_lm import (
+    ExactPrompt,
+    enumerable_trainer,
+    exact_divergence_gradient,
+    exact_prompt,
+    expected_trainer_gradient,
+    recorded_gradients,
+)
 from statistics_testing import P_VALUE_FLOOR, projected_hotelling
 
 import fdpg.trainer as trainer_module
-from fdpg.config import TrainConfig
 from fdpg.trainer import FDPGTrainer
 from objectives import ForwardKL, binary_constraint, get_divergence, rl_with_kl
 from objectives import surrogate_loss as true_surrogate_loss
@@ -37,39 +41,12 @@ STEPS = 40  # recorded steps, after WARMUP steps that let the running log Z sett
 WARMUP = 2
 
 
-def ab_scorer(completions: list[str], prompts: list[str]) -> dict[str, list[float]]:
-    """``reward`` = 1 + (#a - #b)/3 (the offset makes log Z far from 0), ``has_a`` = the completion has an a."""
-    return {"reward": [1.0 + (t.count("a") - t.count("b")) / 3 for t in completions],
-            "has_a": [float("a" in t) for t in completions]}
-
-
-def exactness_trainer(model_dir: Path, tmp_path: Path, target=None, prompts=("",), **overrides: Any) -> FDPGTrainer:
-    """A trainer on the enumerable model with a random LoRA adapter (pi != a), one micro-batch, no clipping."""
-    settings: dict[str, Any] = dict(
-        model=str(model_dir), task="exactness", divergence="rkl", beta=BETA, steps=100, batch_size=BATCH,
-        samples_per_prompt=BATCH // len(prompts), generation_batch_size=BATCH, micro_batch_size=BATCH // 2,
-        max_new_tokens=3, learning_rate=1e-3, max_grad_norm=None, seed=0, output_dir=str(tmp_path / "run"),
-        progress=False, lora_r=4, lora_target_modules="all-linear")
-    settings.update(overrides)
-    config = TrainConfig(**settings)
-    policy = nonzero_lora_policy(model_dir)
-    target = rl_with_kl("reward", BETA) if target is None else target
-    return FDPGTrainer(config, policy, target, ab_scorer, list(prompts))
+def exactness_trainer(model_dir: Path, tmp_path: Path, **overrides: Any) -> FDPGTrainer:
+    return enumerable_trainer(model_dir, tmp_path, beta=BETA, **overrides)
 
 
 def applied_gradients(trainer: FDPGTrainer, steps: int = STEPS) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """The gradient of each of ``steps`` steps (``[steps, d]``) at fixed parameters, and the steps' metrics."""
-    params = list(trainer._trainable().values())
-    grads: list[torch.Tensor] = []
-
-    def record(*args: Any, **kwargs: Any) -> None:  # the optimizer's step: record, move nothing
-        grads.append(torch.cat([p.grad.reshape(-1) for p in params]).double().clone())
-
-    trainer.optimizer.step = record
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
-        metrics = [trainer.train_step(step) for step in range(WARMUP + steps)]
-    return torch.stack(grads[WARMUP:]), metrics[WARMUP:]
+    return recorded_gradients(trainer, steps, WARMUP)
 
 
 def exact_prompts(trainer: FDPGTrainer) -> list[ExactPrompt]:
@@ -100,10 +77,10 @@ def _move_proposal_closer_to_p(trainer: FDPGTrainer, ratio: float = 0.2, step: f
     refresh test (estimated D_f(pi||p) < D_f(q||p)) never replaces it: normalised exact-gradient steps from pi
     until D_f(q||p) < ``ratio`` D_f(pi||p)."""
     div = trainer.divergence
-    params = list(trainer._trainable().values())
+    params = list(trainer._policy_trainable().values())
     with torch.no_grad():
         d_pi = sum(float(div.exact(e.log_pi, e.log_p)) for e in exact_prompts(trainer))
-    proposal = {name: p.detach().clone() for name, p in trainer._trainable().items()}
+    proposal = {name: p.detach().clone() for name, p in trainer._policy_trainable().items()}
     for _ in range(40):
         trainer._swap_params(proposal)  # the model holds q
         try:
@@ -123,7 +100,7 @@ def _move_proposal_closer_to_p(trainer: FDPGTrainer, ratio: float = 0.2, step: f
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_applied_gradient_is_the_exact_gradient(enumerable_model_dir: Path, tmp_path: Path, case: str) -> None:
     trainer = exactness_trainer(enumerable_model_dir, tmp_path, **CASES[case])
-    params = list(trainer._trainable().values())
+    params = list(trainer._policy_trainable().values())
     if trainer.config.off_policy:
         _move_proposal_closer_to_p(trainer)
     exact = exact_prompts(trainer)
@@ -144,7 +121,7 @@ def test_top_p_gradient_is_the_gradient_over_the_nucleus(enumerable_model_dir: P
     """Under top-p, q = 0 outside the nucleus: the estimate is unbiased for the nucleus' expectation (which is
     not the full gradient), and the log q the sampler records is the exact nucleus probability."""
     trainer = exactness_trainer(enumerable_model_dir, tmp_path, divergence="fkl", top_p=0.8)
-    params = list(trainer._trainable().values())
+    params = list(trainer._policy_trainable().values())
     exact = exact_prompts(trainer)
     nucleus = expected_trainer_gradient(exact, trainer.divergence, params)
     full = exact_divergence_gradient(exact, trainer.divergence, params)
@@ -184,7 +161,7 @@ def test_the_exactness_test_rejects_seeded_bugs(enumerable_model_dir: Path, tmp_
     """Power check: each one-line bug in the trainer makes the same test fail."""
     settings, where, replacement = SEEDED_BUGS[bug]
     trainer = exactness_trainer(enumerable_model_dir, tmp_path, **settings)
-    params = list(trainer._trainable().values())
+    params = list(trainer._policy_trainable().values())
     if trainer.config.off_policy:
         _move_proposal_closer_to_p(trainer)
     gradient = exact_divergence_gradient(exact_prompts(trainer), trainer.divergence, params)

@@ -1,0 +1,188 @@
+r"""PPO on the shared engine: a special case of f-DPG on the exact enumerable model, and a run like f-DPG's.
+
+1. With one epoch of one minibatch (ratio 1), no critic, :math:`\gamma = \lambda = 1`, the k1 KL in the reward and
+   the constant normaliser (sum over tokens, mean over sequences), the mean of the gradients the real
+   :class:`fdpg.ppo.PPOTrainer` applies is :math:`\beta\,\nabla KL(\pi\|p)` for :math:`p\propto a\,e^{r/\beta}`,
+   the f-DPG reverse-KL gradient scaled by :math:`\beta` (Hotelling's test against enumeration). Seeded bugs and
+   a documented departure (advantage whitening) are rejected by the same test.
+2. A short PPO run on the tiny model raises the reward of a simple scorer.
+3. The run directory has f-DPG's files and shared metric names plus PPO's own; value head, KL controller and
+   optimizer are checkpointed, and a resumed run reproduces the uninterrupted one.
+4. Bad input fails before any expensive work, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from enumerable_lm import enumerable_trainer, exact_divergence_gradient, exact_prompt, recorded_gradients
+from fdpg_testing import (
+    REQUIRED_METRICS,
+    assert_same_metrics,
+    assert_same_state,
+    build_trainer,
+    read_jsonl,
+    trainable_state,
+    vowel_fraction,
+)
+from statistics_testing import P_VALUE_FLOOR, projected_hotelling
+
+import fdpg.ppo as ppo_module
+from fdpg.config import TrainConfig
+from objectives import binary_constraint, exponential_family, get_divergence, rl_with_kl
+
+BETA = 0.5
+#: The settings under which PPO's expected gradient is exactly beta * grad KL(pi || p).
+SPECIAL_CASE = dict(algo="ppo", ppo_epochs=1, ppo_minibatches=1, critic="none", gamma=1.0, gae_lambda=1.0,
+                    kl_estimator="k1", kl_in="reward", loss_aggregation="seq_mean_token_sum",
+                    whiten_advantages=False)
+PPO_METRICS = ("ppo/approx_kl", "ppo/clip_fraction", "ppo/value_loss", "ppo/explained_variance", "ppo/kl_coef",
+               "ppo/return_mean", "ppo/return_std", "ppo/advantage_mean", "ppo/advantage_std", "ppo/policy_loss")
+
+
+def _special_case_gradients(model_dir: Path, tmp_path: Path, steps: int = 40, **changes: Any):
+    trainer = enumerable_trainer(model_dir, tmp_path, beta=BETA, **{**SPECIAL_CASE, **changes})
+    params = list(trainer._policy_trainable().values())
+    exact = [exact_prompt(trainer, p) for p in trainer.prompts]
+    gradient = BETA * exact_divergence_gradient(exact, get_divergence("rkl"), params)
+    assert float(gradient.norm()) > 1e-3
+    grads, metrics = recorded_gradients(trainer, steps)
+    return grads, gradient, metrics
+
+
+def test_ppo_special_case_is_beta_times_the_reverse_kl_gradient(enumerable_model_dir: Path, tmp_path: Path) -> None:
+    grads, gradient, metrics = _special_case_gradients(enumerable_model_dir, tmp_path)
+    t2, rank, p_value = projected_hotelling(grads, gradient)
+    assert p_value > P_VALUE_FLOOR, f"T^2 = {t2:.1f} on {rank} dof (p = {p_value:.2g})"
+    assert all(m["ppo/clip_fraction"] == 0 for m in metrics)  # ratio 1: nothing clipped
+    assert all(abs(m["ppo/approx_kl"]) < 1e-6 for m in metrics)
+
+
+TRUE_KL_PER_TOKEN = ppo_module.kl_per_token
+
+
+def _kl_with_the_wrong_sign(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return -TRUE_KL_PER_TOKEN(*args, **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["kl sign flipped", "reward on the first token", "whitened advantages"])
+def test_the_special_case_test_rejects_departures(enumerable_model_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
+    """Power check: two seeded bugs and one documented departure from the special case are rejected."""
+    changes: dict[str, Any] = {}
+    if variant == "kl sign flipped":
+        monkeypatch.setattr(ppo_module, "kl_per_token", _kl_with_the_wrong_sign)
+    elif variant == "reward on the first token":
+        monkeypatch.setattr(ppo_module.PPOTrainer, "token_scores", lambda self, batch, scores: torch.nn.functional.pad(
+            scores[:, None], (0, batch.completion_mask.shape[1] - 1)))
+    else:
+        changes["whiten_advantages"] = True
+    grads, gradient, _ = _special_case_gradients(enumerable_model_dir, tmp_path, **changes)
+    t2, rank, p_value = projected_hotelling(grads, gradient)
+    assert p_value < 1e-6, f"{variant}: not rejected (T^2 = {t2:.1f} on {rank} dof, p = {p_value:.2g})"
+
+
+# --------------------------------------------------------------------------------- runs on the tiny model
+def test_short_ppo_run_raises_the_reward(make_trainer) -> None:
+    """Vowel fraction (the toy reward) of the last 5 steps' samples above the first 5's by 3 standard errors."""
+    trainer = make_trainer(algo="ppo", steps=20, learning_rate=1e-2, batch_size=16, generation_batch_size=16,
+                           micro_batch_size=16, samples_per_prompt=4, max_new_tokens=6, ppo_epochs=2)
+    assert trainer.train()["status"] == "finished"
+    samples = read_jsonl(trainer.run_dir / "samples.jsonl")
+    first = [vowel_fraction(s["completion"]) for s in samples if s["step"] <= 5]
+    last = [vowel_fraction(s["completion"]) for s in samples if s["step"] > 15]
+    stderr = (statistics.variance(first) / len(first) + statistics.variance(last) / len(last)) ** 0.5
+    assert statistics.mean(last) - statistics.mean(first) > 3 * stderr, (statistics.mean(first),
+                                                                          statistics.mean(last), stderr)
+
+
+def test_ppo_run_directory_has_the_shared_metrics_and_its_own(make_trainer) -> None:
+    trainer = make_trainer(algo="ppo", steps=2, lora_r=4, ppo_minibatches=2, micro_batch_size=2, target_kl=0.01)
+    assert trainer.train()["status"] == "finished"
+    run = trainer.run_dir
+    metrics = read_jsonl(run / "metrics.jsonl")
+    for m in metrics:
+        missing = [k for k in (*REQUIRED_METRICS, *PPO_METRICS, "score/reward", "time/values") if k not in m]
+        assert not missing, f"metrics.jsonl lacks {missing}"
+    # the adaptive controller moved beta by Ziegler et al.'s rule, from the first step's KL (target 0.01, horizon 1e4)
+    error = min(max(metrics[0]["kl_pi_a"] / 0.01 - 1, -0.2), 0.2)
+    assert metrics[0]["ppo/kl_coef"] == pytest.approx(0.1) and error != 0
+    assert metrics[1]["ppo/kl_coef"] == pytest.approx(0.1 * (1 + error * 8 / 10000), rel=1e-9)
+    samples = read_jsonl(run / "samples.jsonl")
+    assert {"prompt", "completion", "scores", "log_pi", "log_a", "log_p", "pseudo_reward"} <= set(samples[0])
+    assert json.loads((run / "config.json").read_text())["config"]["algo"] == "ppo"
+    assert (run / "final" / "value_head.safetensors").is_file()
+    state = json.loads((run / "checkpoints" / "step-2" / "state.json").read_text())
+    assert {"log_z", "kl_controller", "reward_moments"} <= set(state)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run / "checkpoints" / "step-2" / "trainable.safetensors"))
+    assert any(k.startswith("value_head.") for k in saved) and any("lora_" in k for k in saved)
+
+
+def test_ppo_resume_reproduces_the_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Value head, adaptive KL controller, reward normaliser and optimizer states survive a resume exactly."""
+    settings = dict(algo="ppo", lora_r=4, ppo_minibatches=2, ppo_epochs=2, target_kl=0.01, normalize_rewards=True,
+                    save_every=2)
+    reference = build_trainer(tiny_model_dir, tmp_path / "reference", steps=4, **settings)
+    assert reference.train()["status"] == "finished"
+    first = build_trainer(tiny_model_dir, tmp_path / "run", steps=2, **settings)
+    assert first.train()["status"] == "finished"
+    resumed = build_trainer(tiny_model_dir, tmp_path / "ignored", steps=4, resume=str(first.run_dir), **settings)
+    assert resumed.train()["status"] == "finished"
+    want = read_jsonl(reference.run_dir / "metrics.jsonl")
+    got = read_jsonl(first.run_dir / "metrics.jsonl")
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    for g, w in zip(got, want):
+        assert_same_metrics(g, w)
+    assert_same_state(trainable_state(resumed), trainable_state(reference))
+    assert resumed.kl_controller.value == pytest.approx(reference.kl_controller.value, rel=1e-12)
+
+
+def test_ppo_with_a_separate_value_model(make_trainer, tiny_model_dir: Path) -> None:
+    trainer = make_trainer(algo="ppo", steps=1, lora_r=4, critic="value_model", value_model=str(tiny_model_dir))
+    assert trainer.train()["status"] == "finished"
+    assert (trainer.run_dir / "final" / "value_model.safetensors").is_file()
+    assert "ppo/value_loss" in read_jsonl(trainer.run_dir / "metrics.jsonl")[0]
+
+
+# --------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(algo="dpg"), r"--algo must be one of fdpg, ppo"),
+    (dict(algo="ppo", divergence="fkl"), r"reverse-KL objective.*--divergence 'fkl'"),
+    (dict(algo="ppo", temperature=0.7), r"samples from pi itself"),
+    (dict(algo="ppo", batch_size=8, samples_per_prompt=4, ppo_minibatches=3), r"--ppo_minibatches \(3\) must divide"),
+    (dict(algo="ppo", critic="value_model"), r"--critic value_model needs --value_model"),
+    (dict(algo="ppo", kl_estimator="k4"), r"--kl_estimator must be one of k1, k2, k3"),
+    (dict(algo="ppo", dual_clip=0.5), r"--dual_clip 0.5 is out of range"),
+])
+def test_bad_ppo_settings_are_refused_with_the_reason(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+
+
+@pytest.mark.parametrize("target", [binary_constraint("b"), exponential_family({"b": 1.0})], ids=["binary", "expfam"])
+def test_a_target_without_a_scalar_reward_is_refused_unless_a_feature_is_named(target) -> None:
+    with pytest.raises(ValueError, match=r"scalar reward.*--algo fdpg.*--reward_feature"):
+        ppo_module.reward_target(target, None, 0.1)
+    named = ppo_module.reward_target(target.as_conditional(), "b", 0.1)
+    assert named.describe() == rl_with_kl("b", 0.1).as_conditional().describe()
+
+
+def test_cli_refuses_a_constraint_task_before_loading_any_model(tmp_path: Path) -> None:
+    from fdpg.cli import build_trainer as cli_build_trainer
+
+    config = TrainConfig(algo="ppo", task="lexical", model=str(tmp_path / "no-such-model"), progress=False)
+    with pytest.raises(ValueError, match=r"scalar reward"):
+        cli_build_trainer(config)  # a model load would fail with another error
+
+
+def test_a_value_model_with_another_tokenizer_is_refused(make_trainer, enumerable_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"--value_model .* another tokenizer"):
+        make_trainer(algo="ppo", critic="value_model", value_model=str(enumerable_model_dir))
+
