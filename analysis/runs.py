@@ -9,8 +9,20 @@ from pathlib import Path
 
 import pandas as pd
 
-#: Settings copied from ``config.json`` onto every metrics row (the usual grouping variables).
-SETTING_COLUMNS = ("task", "divergence", "beta", "model", "lora_r", "learning_rate", "batch_size", "seed")
+#: Settings copied from ``config.json`` onto every metrics row (the usual grouping variables), and ``method``:
+#: the algorithm and, for f-DPG, its divergence (``f-DPG rkl``, ``PPO``), one label per curve of a frontier plot.
+SETTING_COLUMNS = ("task", "algo", "divergence", "method", "beta", "model", "lora_r", "learning_rate",
+                   "batch_size", "seed")
+#: How ``method`` names the algorithms of ``algo`` (f-DPG is labelled with its divergence).
+ALGORITHM_LABELS = {"fdpg": "f-DPG", "ppo": "PPO"}
+
+
+def method_label(config: dict) -> str:
+    """``f-DPG <divergence>`` for f-DPG runs (and runs made before ``algo`` existed), else the algorithm's name."""
+    algo = config.get("algo") or "fdpg"
+    if algo == "fdpg":
+        return f"f-DPG {config.get('divergence')}"
+    return ALGORITHM_LABELS.get(algo, algo)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -43,8 +55,9 @@ def load_run(run_dir: str | Path) -> pd.DataFrame:
     config = run_config(run_dir)
     frame = pd.DataFrame(_read_jsonl(run_dir / "metrics.jsonl"))
     frame.insert(0, "run", run_dir.name)
+    settings = {**config, "algo": config.get("algo") or "fdpg", "method": method_label(config)}
     for key in SETTING_COLUMNS:
-        frame[key] = config.get(key)
+        frame[key] = settings.get(key)
     return frame
 
 

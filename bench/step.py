@@ -1,11 +1,12 @@
-"""fdpg's f-DPG step on workload W (``--full``: W-full), through the public API.
+"""fdpg's f-DPG step (``--algo ppo``: its PPO step) on workload W (``--full``: W-full), through the public API.
 
-Builds ``FDPGTrainer`` from a ``TrainConfig`` (batch 16, 1 sample per prompt, generation batch 16, micro batch 8,
+Builds ``FDPGTrainer`` (``PPOTrainer``: one epoch of one minibatch, the value head on the policy) from a
+``TrainConfig`` (batch 16, 1 sample per prompt, generation batch 16, micro batch 8,
 48 new tokens, LoRA r=8 alpha=16 on q_proj,v_proj, lr 1e-4, beta 0.1, reverse KL, VADER reward) and times
 ``train_step`` after warm-up. Prints one JSON line: median s/step, completions/s, completion tokens/s, peak RSS
 and the median of each phase (the trainer's own ``time/*`` metrics).
 
-    python bench/step.py [--full] [--steps 10] [--warmup 2] [--mixed_precision bf16]
+    python bench/step.py [--algo fdpg|ppo] [--full] [--steps 10] [--warmup 2] [--mixed_precision bf16]
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import BATCH, BETA, LORA_ALPHA, LORA_R, LORA_TARGETS, LR, MAX_NEW_TOKENS, MODEL, PROMPTS  # noqa: E402
 
-PHASES = ("time/generate", "time/score", "time/reference", "time/bookkeeping", "time/backward", "time/optimizer")
+PHASES = ("time/generate", "time/score", "time/reference", "time/values", "time/bookkeeping", "time/backward",
+          "time/optimizer")
 
 
-def build_trainer(full: bool = False, mixed_precision: str = "no", seed: int = 0):
-    """The f-DPG trainer on W (or W-full) as a user would build it."""
+def build_trainer(full: bool = False, mixed_precision: str = "no", seed: int = 0, algo: str = "fdpg"):
+    """The f-DPG (or PPO) trainer on W (or W-full) as a user would build it."""
     import torch
 
     from fdpg.config import TrainConfig
     from fdpg.policy import LoraSettings, Policy
+    from fdpg.ppo import PPOTrainer
     from fdpg.trainer import FDPGTrainer
     from tasks import get_task
 
@@ -39,20 +42,22 @@ def build_trainer(full: bool = False, mixed_precision: str = "no", seed: int = 0
         baseline="loo",  # one sample per prompt: the whole-batch leave-one-out baseline
         mixed_precision=mixed_precision, seed=seed, progress=False, log_samples_every=0, save_every=10**9,
         output_dir=os.path.join(tempfile.gettempdir(), "fdpg-bench-unused"),
+        algo=algo, ppo_epochs=1, ppo_minibatches=1,
     )
     spec = get_task("sentiment").build(config.beta, {}, PROMPTS)
     torch.manual_seed(seed)
     lora = None if full else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
                                           config.lora_target_modules)
     policy = Policy.from_pretrained(config.model, lora=lora)
-    return FDPGTrainer(config, policy, spec.target, spec.scorer, spec.prompts, spec.metrics)
+    algorithm = PPOTrainer if algo == "ppo" else FDPGTrainer
+    return algorithm(config, policy, spec.target, spec.scorer, spec.prompts, spec.metrics)
 
 
 class FdpgStepper:
-    """Callable ``step(i) -> {'time', 'tokens', phases...}`` around ``FDPGTrainer.train_step``."""
+    """Callable ``step(i) -> {'time', 'tokens', phases...}`` around the trainer's ``train_step``."""
 
-    def __init__(self, full: bool = False, mixed_precision: str = "no"):
-        self.trainer = build_trainer(full, mixed_precision)
+    def __init__(self, full: bool = False, mixed_precision: str = "no", algo: str = "fdpg"):
+        self.trainer = build_trainer(full, mixed_precision, algo=algo)
         self.i = 0
 
     def __call__(self, _: int) -> dict:
@@ -68,6 +73,7 @@ class FdpgStepper:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--algo", default="fdpg", choices=["fdpg", "ppo"])
     ap.add_argument("--full", action="store_true", help="W-full: full fine-tuning (frozen reference copy)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -81,11 +87,11 @@ def main() -> None:
         common.wait_quiet()
     load0 = common.loadavg()
     contention = common.Contention()
-    stepper = FdpgStepper(args.full, args.mixed_precision)
+    stepper = FdpgStepper(args.full, args.mixed_precision, args.algo)
     recs = common.timed_loop(stepper, args.warmup, args.steps)
     calm = common.quiet(recs) or recs
     common.emit({
-        "bench": "step", "framework": "fdpg", "workload": "W-full" if args.full else "W",
+        "bench": "step", "framework": "fdpg", "algo": args.algo, "workload": "W-full" if args.full else "W",
         "mixed_precision": args.mixed_precision,
         "steps_quiet": f"{len(common.quiet(recs))}/{len(recs)}",  # medians over the quiet steps (all if none)
         **common.summarise([r["time"] for r in calm], [r["tokens"] for r in calm]),

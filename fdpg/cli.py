@@ -211,7 +211,8 @@ def cmd_analyze(argv: Sequence[str]) -> int:
     parser.add_argument("--out", default="analysis-report", help="where to write points.csv and the plots")
     parser.add_argument("--x", default="kl_pi_a", help="divergence axis (default: KL(pi||a))")
     parser.add_argument("--y", default="score/reward", help="alignment-score axis")
-    parser.add_argument("--hue", default="divergence")
+    parser.add_argument("--hue", default="method",
+                        help="the column that groups runs into curves (default: method, e.g. 'f-DPG rkl', 'PPO')")
     parser.add_argument("--last", type=int, default=5, help="steps averaged into each run's point")
     args = parser.parse_args(list(argv))
     import pandas as pd

@@ -83,3 +83,18 @@ def test_fdpg_analyze_writes_the_report(runs, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "Pareto frontier" in out and "b, a" in out
     assert {p.name for p in (tmp_path / "report").iterdir()} == {"points.csv", "pareto.png", "curves.png"}
+
+
+def test_runs_of_every_algorithm_share_one_frontier(tmp_path) -> None:
+    """An f-DPG and a PPO run land in one points table, labelled by method, with the shared axes."""
+    make_run(tmp_path, "fdpg-rkl", "rkl", 0.1, [0.1, 0.3], [0.01, 0.2])
+    ppo = RunLog.create(tmp_path / "ppo", {"task": "sentiment", "algo": "ppo", "divergence": "rkl", "beta": 0.1,
+                                           "seed": 0})
+    for step, (reward, kl) in enumerate(zip([0.2, 0.5], [0.05, 0.4]), start=1):
+        ppo.metrics.write({"step": step, "score/reward": reward, "kl_pi_a": kl, "ppo/clip_fraction": 0.1})
+    ppo.close()
+    points = final_points(load_runs(tmp_path), last=1).set_index("run")
+    assert points.loc["fdpg-rkl", "method"] == "f-DPG rkl" and points.loc["ppo", "method"] == "PPO"
+    assert points.loc["fdpg-rkl", "algo"] == "fdpg"  # a run made before --algo existed is f-DPG
+    assert points.loc["ppo", "kl_pi_a"] == pytest.approx(0.4)
+    assert points.loc["ppo", "score/reward"] == pytest.approx(0.5)
