@@ -161,6 +161,7 @@ class OnlineTrainer:
         self._stop_signal: int | None = None
         self._last_samples: dict[str, Any] | None = None
         self._tokens_this_step = 0
+        self._timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ what an algorithm adds
     def build_extra_modules(self) -> dict[str, torch.nn.Module]:
@@ -242,6 +243,32 @@ class OnlineTrainer:
         return [p if self.conditional else GLOBAL_KEY for p in prompts]
 
     # ------------------------------------------------------------------ shared phases
+    def begin_step(self) -> float:
+        """Start timing a step's phases (:meth:`timed`); returns the step's start time."""
+        self._timings = {}
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Adds the time spent inside to the step's ``time/<phase>`` metric."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"time/{phase}"
+            self._timings[key] = self._timings.get(key, 0.0) + time.perf_counter() - start
+
+    def rollout(self, step: int) -> tuple[SampleBatch, dict[str, torch.Tensor], torch.Tensor]:
+        r"""The phases every online algorithm starts with: this process's completions (``generate``), the task's
+        features (``score``) and the per-token :math:`\log a` of the reference (``reference``), timed."""
+        with self.timed("generate"):
+            batch = self.sample(step)
+        with self.timed("score"):
+            features = self.score(batch)
+        with self.timed("reference"):
+            token_log_a = self.token_log_probs(batch, reference=True)
+        return batch, features, token_log_a
+
     def sample(self, step: int) -> SampleBatch:
         """This process's share of the step's samples, drawn chunk by chunk with per-chunk seeds."""
         cfg = self.config
@@ -327,10 +354,10 @@ class OnlineTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def finish_metrics(self, metrics: dict[str, Any], timings: Mapping[str, float], started: float) -> dict[str, Any]:
+    def finish_metrics(self, metrics: dict[str, Any], started: float) -> dict[str, Any]:
         """Add the phase timings, the step's time and the throughput (completion tokens per second)."""
         total = time.perf_counter() - started
-        metrics.update({"tokens_per_s": self._tokens_this_step / total, "time/step": total, **timings})
+        metrics.update({"tokens_per_s": self._tokens_this_step / total, "time/step": total, **self._timings})
         return metrics
 
     # ------------------------------------------------------------------ logging and checkpoints

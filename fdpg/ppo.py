@@ -20,7 +20,6 @@ reference pass, run directory, checkpoints and metric names as f-DPG. It maximis
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -168,81 +167,63 @@ class PPOTrainer(OnlineTrainer):
     def train_step(self, step: int) -> dict[str, Any]:
         """Run optimisation step ``step`` (0-based) and return its metrics."""
         cfg = self.config
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
+        started = self.begin_step()
+        batch, features, token_log_a = self.rollout(step)  # samples, scores, log a per token
+        with self.timed("values"):
+            old_values = self.old_values(batch)
 
-        batch = self.sample(step)
-        timings["time/generate"] = time.perf_counter() - t0
+        with self.timed("bookkeeping"):
+            mask = batch.completion_mask.double()
+            token_log_old = batch.token_log_pi.double()
+            scores = self.sequence_rewards(batch, features[self.reward_feature])
+            beta = self.kl_controller.value
+            kl = kl_per_token(token_log_old, token_log_a, cfg.kl_estimator) * mask
+            token_rewards = self.token_scores(batch, scores)
+            if cfg.kl_in == "reward":
+                token_rewards = token_rewards - beta * kl
+            advantages, returns = generalized_advantages(token_rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
+            raw_advantages = advantages
+            if cfg.whiten_advantages:
+                advantages = masked_whiten(advantages, mask, moments=self.global_moments(advantages, mask))
 
-        t = time.perf_counter()
-        features = self.score(batch)
-        timings["time/score"] = time.perf_counter() - t
+            # The shared metrics over the global batch (the same names as f-DPG's), before the weights move.
+            log_pi, log_a = token_log_old.sum(-1), token_log_a.sum(-1)
+            g_keys = self.gather_list(self.prompt_keys(batch.prompts))
+            g_log_P, g_log_pi, g_log_a = (self.gather(x) for x in (self.target.log_P(log_a, features), log_pi,
+                                                                    log_a))
+            g_features = {k: self.gather(v) for k, v in features.items()}
+            g_log_p = self.update_log_z(g_log_P, g_log_pi, g_keys)
+            g_total = self.gather(token_rewards.sum(-1))
+            metrics = self.shared_metrics(step, batch, self.divergence, g_features, g_log_pi, g_log_pi, g_log_a,
+                                          g_log_p, g_total)
+            return_mean, return_var = self.global_moments(returns, mask)
+            advantage_mean, advantage_var = self.global_moments(raw_advantages, mask)
+            metrics.update({
+                "ppo/kl_coef": beta, "ppo/reward_mean": float(self.gather(scores).mean()),
+                "ppo/return_mean": return_mean, "ppo/return_std": math.sqrt(return_var),
+                "ppo/advantage_mean": advantage_mean, "ppo/advantage_std": math.sqrt(advantage_var),
+                "ppo/explained_variance": explained_variance(old_values, returns, mask)
+                if cfg.critic != "none" else None,
+            })
 
-        t = time.perf_counter()
-        token_log_a = self.token_log_probs(batch, reference=True)
-        timings["time/reference"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        old_values = self.old_values(batch)
-        timings["time/values"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        mask = batch.completion_mask.double()
-        token_log_old = batch.token_log_pi.double()
-        scores = self.sequence_rewards(batch, features[self.reward_feature])
-        beta = self.kl_controller.value
-        kl = kl_per_token(token_log_old, token_log_a, cfg.kl_estimator) * mask
-        token_rewards = self.token_scores(batch, scores)
-        if cfg.kl_in == "reward":
-            token_rewards = token_rewards - beta * kl
-        advantages, returns = generalized_advantages(token_rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
-        raw_advantages = advantages
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask, moments=self.global_moments(advantages, mask))
-
-        # The shared metrics over the global batch (the same names as f-DPG's), before the weights move.
-        log_pi, log_a = token_log_old.sum(-1), token_log_a.sum(-1)
-        g_keys = self.gather_list(self.prompt_keys(batch.prompts))
-        g_log_P, g_log_pi, g_log_a = (self.gather(x) for x in (self.target.log_P(log_a, features), log_pi, log_a))
-        g_features = {k: self.gather(v) for k, v in features.items()}
-        g_log_p = self.update_log_z(g_log_P, g_log_pi, g_keys)
-        g_total = self.gather(token_rewards.sum(-1))
-        metrics = self.shared_metrics(step, batch, self.divergence, g_features, g_log_pi, g_log_pi, g_log_a, g_log_p,
-                                      g_total)
-        return_mean, return_var = self.global_moments(returns, mask)
-        advantage_mean, advantage_var = self.global_moments(raw_advantages, mask)
-        metrics.update({
-            "ppo/kl_coef": beta, "ppo/reward_mean": float(self.gather(scores).mean()),
-            "ppo/return_mean": return_mean, "ppo/return_std": math.sqrt(return_var),
-            "ppo/advantage_mean": advantage_mean, "ppo/advantage_std": math.sqrt(advantage_var),
-            "ppo/explained_variance": explained_variance(old_values, returns, mask)
-            if cfg.critic != "none" else None,
-        })
-        timings["time/bookkeeping"] = time.perf_counter() - t
-
-        t = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
-        stats, optimizer_time = self.optimise(step, batch, token_log_old, token_log_a, old_values, advantages,
-                                              returns, beta)
+        stats = self.optimise(step, batch, token_log_old, token_log_a, old_values, advantages, returns, beta)
         self.scheduler.step()
-        timings["time/backward"] = time.perf_counter() - t - optimizer_time
-        timings["time/optimizer"] = optimizer_time
-
         # Ziegler et al.'s controller reads the sequence KL (k1) of the batch.
         self.kl_controller.update(float(self.gather((token_log_old - token_log_a).mul(mask).sum(-1)).mean()),
                                   cfg.batch_size)
         metrics.update({"lr": lr, **stats})
-        return self.finish_metrics(metrics, timings, t0)
+        return self.finish_metrics(metrics, started)
 
     def optimise(self, step: int, batch: SampleBatch, old_log_pi: torch.Tensor, log_a: torch.Tensor,
                  old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
-                 beta: float) -> tuple[dict[str, float], float]:
-        """The epochs of shuffled minibatches; the mean of each loss statistic and the optimizer's time."""
+                 beta: float) -> dict[str, float]:
+        """The epochs of shuffled minibatches (timed as ``backward`` and ``optimizer``); each loss statistic's mean
+        over the minibatches."""
         cfg, acc = self.config, self.accelerator
         n = self.local_batch
         size = n // cfg.ppo_minibatches
         stats: dict[str, list[float]] = defaultdict(list)
-        optimizer_time = 0.0
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(cfg.seed, step, 3, epoch)))
             for m in range(cfg.ppo_minibatches):
@@ -254,7 +235,7 @@ class PPOTrainer(OnlineTrainer):
                     part = batch.rows(rows)
                     w = part.completion_ids.shape[1]
                     sync = nullcontext() if k == len(micro) - 1 else acc.no_sync(self.model)
-                    with sync, acc.autocast():
+                    with self.timed("backward"), sync, acc.autocast():
                         loss, part_stats = self.loss(part, old_log_pi[rows, :w], log_a[rows, :w],
                                                      old_values[rows, :w], advantages[rows, :w], returns[rows, :w],
                                                      beta, size, n_tokens)
@@ -263,12 +244,11 @@ class PPOTrainer(OnlineTrainer):
                         minibatch[key] += value
                 for key, value in minibatch.items():
                     stats[key].append(value)
-                t = time.perf_counter()
-                grad_norm = self.optimizer_step()
-                optimizer_time += time.perf_counter() - t
+                with self.timed("optimizer"):
+                    grad_norm = self.optimizer_step()
                 if grad_norm is not None:
                     stats["grad_norm"].append(grad_norm)
-        return {key: float(sum(v) / len(v)) for key, v in stats.items()}, optimizer_time
+        return {key: float(sum(v) / len(v)) for key, v in stats.items()}
 
     def loss(self, part: SampleBatch, old_log_pi: torch.Tensor, log_a: torch.Tensor, old_values: torch.Tensor,
              advantages: torch.Tensor, returns: torch.Tensor, beta: float, n_sequences: int,

@@ -17,7 +17,6 @@ Korbak et al. 2022); the phases come from :class:`fdpg.engine.OnlineTrainer`:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Any
@@ -66,68 +65,56 @@ class FDPGTrainer(OnlineTrainer):
     def train_step(self, step: int) -> dict[str, Any]:
         """Run optimisation step ``step`` (0-based) and return its metrics."""
         cfg, acc = self.config, self.accelerator
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
+        started = self.begin_step()
+        batch, features, token_log_a = self.rollout(step)  # samples, scores, log a per token
 
-        batch = self.sample(step)
-        timings["time/generate"] = time.perf_counter() - t0
+        with self.timed("bookkeeping"):
+            log_a = token_log_a.sum(-1)
+            log_q = batch.log_q.double()
+            log_pi_now = self.sequence_log_probs(batch, reference=False) if self.proposal is not None \
+                else batch.log_pi.double()
+            log_P = self.target.log_P(log_a, features)
 
-        t = time.perf_counter()
-        features = self.score(batch)
-        timings["time/score"] = time.perf_counter() - t
+            # Everything below is over the global batch, identical on every process.
+            g_keys = self.gather_list(self.prompt_keys(batch.prompts))
+            g_log_P, g_log_q, g_log_pi, g_log_a = (self.gather(x) for x in (log_P, log_q, log_pi_now, log_a))
+            g_features = {k: self.gather(v) for k, v in features.items()}
+            g_log_p = self.update_log_z(g_log_P, g_log_q, g_keys)
+            g_rewards = self.divergence.pseudo_reward(g_log_pi, g_log_p, max_log_ratio=cfg.max_log_ratio)
+            g_baseline = self._baseline(g_rewards, g_keys)
+            g_weights = torch.exp(g_log_pi - g_log_q)
+            if cfg.importance_weight_clip is not None:
+                g_weights = g_weights.clamp(max=cfg.importance_weight_clip)
+            refresh = False
+            if self.proposal is not None:  # DPG: keep the proposal until pi is closer to p than it is
+                d_pi = float(self.divergence.estimate(g_log_pi, g_log_p, g_log_q))
+                d_q = float(self.divergence.estimate(g_log_q, g_log_p))
+                refresh = d_pi < d_q
+                if refresh:
+                    self.proposal = {k: v.detach().clone() for k, v in self._policy_trainable().items()}
+            local = self.local_slice()
+            rewards, baseline, weights = g_rewards[local], g_baseline[local], g_weights[local]
+            metrics = self.shared_metrics(step, batch, self.divergence, g_features, g_log_pi, g_log_q, g_log_a,
+                                          g_log_p, g_rewards)
 
-        t = time.perf_counter()
-        log_a = self.sequence_log_probs(batch, reference=True)
-        timings["time/reference"] = time.perf_counter() - t
+        with self.timed("backward"):
+            n_micro = math.ceil(len(batch) / cfg.micro_batch_size)
+            for i in range(n_micro):
+                lo, hi = i * cfg.micro_batch_size, (i + 1) * cfg.micro_batch_size
+                part = batch.slice(lo, hi)
+                sync = nullcontext() if i == n_micro - 1 else acc.no_sync(self.model)
+                with sync, acc.autocast():
+                    log_pi = completion_token_log_probs(self.model, part).sum(-1)
+                    loss = surrogate_loss(log_pi, rewards[lo:hi].to(log_pi.device),
+                                          baseline[lo:hi].to(log_pi.device),
+                                          weights[lo:hi].to(log_pi.device) if cfg.proposal_differs else None,
+                                          normaliser=self.local_batch)
+                    acc.backward(loss)
 
-        t = time.perf_counter()
-        log_q = batch.log_q.double()
-        log_pi_now = self.sequence_log_probs(batch, reference=False) if self.proposal is not None \
-            else batch.log_pi.double()
-        log_P = self.target.log_P(log_a, features)
-
-        # Everything below is over the global batch, identical on every process.
-        g_keys = self.gather_list(self.prompt_keys(batch.prompts))
-        g_log_P, g_log_q, g_log_pi, g_log_a = (self.gather(x) for x in (log_P, log_q, log_pi_now, log_a))
-        g_features = {k: self.gather(v) for k, v in features.items()}
-        g_log_p = self.update_log_z(g_log_P, g_log_q, g_keys)
-        g_rewards = self.divergence.pseudo_reward(g_log_pi, g_log_p, max_log_ratio=cfg.max_log_ratio)
-        g_baseline = self._baseline(g_rewards, g_keys)
-        g_weights = torch.exp(g_log_pi - g_log_q)
-        if cfg.importance_weight_clip is not None:
-            g_weights = g_weights.clamp(max=cfg.importance_weight_clip)
-        refresh = False
-        if self.proposal is not None:  # DPG: keep the proposal until pi is closer to p than it is
-            d_pi = float(self.divergence.estimate(g_log_pi, g_log_p, g_log_q))
-            d_q = float(self.divergence.estimate(g_log_q, g_log_p))
-            refresh = d_pi < d_q
-            if refresh:
-                self.proposal = {k: v.detach().clone() for k, v in self._policy_trainable().items()}
-        local = self.local_slice()
-        rewards, baseline, weights = g_rewards[local], g_baseline[local], g_weights[local]
-        metrics = self.shared_metrics(step, batch, self.divergence, g_features, g_log_pi, g_log_q, g_log_a, g_log_p,
-                                      g_rewards)
-        timings["time/bookkeeping"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        n_micro = math.ceil(len(batch) / cfg.micro_batch_size)
-        for i in range(n_micro):
-            lo, hi = i * cfg.micro_batch_size, (i + 1) * cfg.micro_batch_size
-            part = batch.slice(lo, hi)
-            sync = nullcontext() if i == n_micro - 1 else acc.no_sync(self.model)
-            with sync, acc.autocast():
-                log_pi = completion_token_log_probs(self.model, part).sum(-1)
-                loss = surrogate_loss(log_pi, rewards[lo:hi].to(log_pi.device), baseline[lo:hi].to(log_pi.device),
-                                      weights[lo:hi].to(log_pi.device) if cfg.proposal_differs else None,
-                                      normaliser=self.local_batch)
-                acc.backward(loss)
-        timings["time/backward"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        lr = self.scheduler.get_last_lr()[0]
-        grad_norm = self.optimizer_step()
-        self.scheduler.step()
-        timings["time/optimizer"] = time.perf_counter() - t
+        with self.timed("optimizer"):
+            lr = self.scheduler.get_last_lr()[0]
+            grad_norm = self.optimizer_step()
+            self.scheduler.step()
 
         metrics.update({"lr": lr, "grad_norm": grad_norm, "proposal_refreshed": refresh})
-        return self.finish_metrics(metrics, timings, t0)
+        return self.finish_metrics(metrics, started)
