@@ -20,7 +20,7 @@ ALGORITHMS = ("fdpg", "ppo")
 CRITICS = ("policy_head", "value_model", "none")
 #: Fields that may differ between a run and its resumption (everything else must match).
 RESUMABLE_CHANGES = frozenset({"steps", "resume", "output_dir", "report_to", "save_every", "log_samples_every",
-                               "progress"})
+                               "progress", "exact_kl_every"})
 
 
 @dataclass
@@ -132,6 +132,12 @@ class TrainConfig:
     loss_aggregation: str = field(default="token_mean", metadata={
         "help": "PPO: token_mean, seq_mean_token_sum (a constant normaliser) or seq_mean_token_mean."})
 
+    # --- metrics
+    exact_kl_every: int = field(default=5, metadata={
+        "help": "Log kl_pi_a_exact and entropy_exact (the exact next-token KL(pi||a) and entropy summed over each "
+                "sample's prefix: never negative, far less variance) every N steps (two more forward passes on "
+                "those steps); 0: never."})
+
     # --- run directory, logging, checkpoints
     output_dir: str = field(default="runs/fdpg", metadata={
         "help": "Run directory; an existing run is never overwritten (a fresh '-N' suffix is used)."})
@@ -153,6 +159,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.exact_kl_every, int) or self.exact_kl_every < 0:
+            raise ValueError(f"--exact_kl_every must be a non-negative integer (0: never), got {self.exact_kl_every!r}")
         if self.fit_samples is not None and (not isinstance(self.fit_samples, int) or self.fit_samples < 1):
             raise ValueError(f"--fit_samples must be a positive integer, got {self.fit_samples!r}")
         if self.batch_size % self.samples_per_prompt:

@@ -44,7 +44,7 @@ from transformers import get_scheduler
 
 from fdpg.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fdpg.config import TrainConfig, incompatible_settings
-from fdpg.log_probs import completion_token_log_probs
+from fdpg.log_probs import completion_token_log_probs, exact_token_kl
 from fdpg.metrics import batch_metrics
 from fdpg.onednn_linears import onednn_linears
 from fdpg.policy import Policy
@@ -162,6 +162,7 @@ class OnlineTrainer:
         self._last_samples: dict[str, Any] | None = None
         self._tokens_this_step = 0
         self._timings: dict[str, float] = {}
+        self._exact_kl: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ what an algorithm adds
     def build_extra_modules(self) -> dict[str, torch.nn.Module]:
@@ -267,7 +268,22 @@ class OnlineTrainer:
             features = self.score(batch)
         with self.timed("reference"):
             token_log_a = self.token_log_probs(batch, reference=True)
+        every = self.config.exact_kl_every
+        if every and step % every == 0:
+            with self.timed("exact_kl"):
+                self._exact_kl = self.exact_kl(batch)
         return batch, features, token_log_a
+
+    def exact_kl(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B]`` exact next-token KL(pi||a) and entropy summed over each sample's prefix
+        (:func:`fdpg.log_probs.exact_token_kl`), micro-batched."""
+        model = self._unwrapped()
+        parts = []
+        with self.accelerator.autocast():
+            for lo in range(0, len(batch), self.config.micro_batch_size):
+                parts.append(exact_token_kl(model, lambda: self.policy.reference(model),
+                                            batch.slice(lo, lo + self.config.micro_batch_size)))
+        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
 
     def sample(self, step: int) -> SampleBatch:
         """This process's share of the step's samples, drawn chunk by chunk with per-chunk seeds."""
@@ -338,6 +354,13 @@ class OnlineTrainer:
         metrics.update({k: float(v) for k, v in self.metrics_fn(g_features).items()})
         metrics.update(batch_metrics(divergence, g_log_pi, g_log_q, g_log_a, g_log_p, g_tokens, g_rewards, g_texts))
         metrics.update(self.log_z.summary())
+        if self._exact_kl is not None:  # E_q[(pi/q) sum_t KL_t]: the same samples, weighted as kl_pi_a is
+            w = torch.exp(g_log_pi - g_log_q).double()
+            kl, entropy = (self.gather(x) * w for x in self._exact_kl)
+            metrics.update({"kl_pi_a_exact": float(kl.mean()),
+                            "kl_pi_a_exact_se": float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else None,
+                            "entropy_exact": float(entropy.mean())})
+            self._exact_kl = None
         self._last_samples = {"completion": g_texts, "prompt": self.gather_list(list(batch.prompts)),
                               "scores": g_features, "log_pi": g_log_pi, "log_a": g_log_a, "log_p": g_log_p,
                               "pseudo_reward": g_rewards, **per_sample}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fdpg.log_probs import completion_token_log_probs
+from fdpg.log_probs import completion_token_log_probs, exact_token_kl
 from fdpg.metrics import distinct_n
 from fdpg.onednn_linears import onednn_linears
 from fdpg.sampling import SampleBatch, sample_completions
@@ -74,6 +74,12 @@ def evaluate_policy(policy, spec, n: int, max_new_tokens: int, seed: int = 0) ->
     out: dict[str, Any] = {"n": n, **{k: float(v) for k, v in spec.metrics(features).items()}}
     out["kl_pi_a"] = float((log_pi - log_a).mean())
     out["kl_pi_a_stderr"] = float((log_pi - log_a).std() / max(n, 1) ** 0.5)
+    # The exact next-token KL and entropy summed over each sample's prefix (never negative, lower variance).
+    parts = [exact_token_kl(policy.model, policy.reference, batch.slice(lo, lo + 16)) for lo in range(0, n, 16)]
+    kl, entropy = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    out["kl_pi_a_exact"] = float(kl.mean())
+    out["kl_pi_a_exact_stderr"] = float(kl.std() / max(n, 1) ** 0.5) if n > 1 else None
+    out["entropy_exact"] = float(entropy.mean())
     out["completion_length"] = float(batch.lengths.double().mean())
     for k in (1, 2, 3):
         out[f"distinct_{k}"] = distinct_n(tokens, k)

@@ -161,3 +161,53 @@ def token_entropy(head: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tenso
     log_probs = torch.log_softmax(logits, -1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     return torch.zeros(mask.shape, dtype=entropy.dtype, device=entropy.device).masked_scatter(keep, entropy)
+
+
+def _completion_hidden(model: torch.nn.Module, batch: SampleBatch) -> torch.Tensor:
+    """``[B, T, D]`` final hidden states of the positions that predict the completion tokens (no logits kept)."""
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    length, t = input_ids.shape[1], batch.completion_ids.shape[1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1][:, length - t - 1:length - 1]
+
+
+def _head(model: torch.nn.Module) -> torch.nn.Module:
+    get = getattr(model, "get_output_embeddings", None) or model.module.get_output_embeddings
+    return get()
+
+
+@torch.inference_mode()
+def exact_token_kl(model: torch.nn.Module, reference, batch: SampleBatch,
+                   chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per completion, :math:`\sum_t KL(\pi(\cdot\mid s_t)\,\|\,a(\cdot\mid s_t))` and :math:`\sum_t H(\pi(\cdot\mid
+    s_t))` over its real positions (``[B]`` each, float64): the exact next-token KL and entropy summed over the
+    sampled prefix.
+
+    By the chain rule :math:`KL(\pi\|a) = E_{x\sim\pi}[\sum_t KL(\pi(\cdot\mid s_t)\|a(\cdot\mid s_t))]`, so the
+    mean of the first over samples of :math:`\pi` estimates the sequence KL like :math:`\log\pi(x) - \log a(x)`
+    does, but each term is non-negative and its variance is far lower (only the prefixes are random). Likewise
+    for the entropy. ``reference`` is a context manager yielding the reference model (the policy's
+    :meth:`fdpg.policy.Policy.reference`). Two forward passes (policy and reference) that keep only hidden
+    states; the logits of both models exist together for ``chunk_rows`` positions at a time.
+    """
+    mask = batch.completion_mask.bool()
+    hidden_pi = _completion_hidden(model, batch)[mask]
+    with reference() as ref:
+        hidden_a = _completion_hidden(ref, batch)[mask]
+    kl = torch.empty(hidden_pi.shape[0], dtype=torch.float64, device=hidden_pi.device)
+    entropy = torch.empty_like(kl)
+    for lo in range(0, hidden_pi.shape[0], chunk_rows):
+        hi = lo + chunk_rows
+        log_pi = torch.log_softmax(_head(model)(hidden_pi[lo:hi]).float(), -1)
+        with reference() as ref:  # (the adapter disabled: a LoRA on the head is the policy's only)
+            log_a = torch.log_softmax(_head(ref)(hidden_a[lo:hi]).float(), -1)
+        pi = log_pi.exp()
+        # fp32 terms, float64 sums; a KL is never negative (rounding can make a ~1e-8 one so)
+        kl[lo:hi] = (pi * (log_pi - log_a)).sum(-1, dtype=torch.float64).clamp(min=0)
+        entropy[lo:hi] = -(pi * log_pi).sum(-1, dtype=torch.float64)
+    per_token = torch.zeros(mask.shape, dtype=torch.float64, device=kl.device)
+    return (per_token.masked_scatter(mask, kl).sum(-1),
+            torch.zeros_like(per_token).masked_scatter(mask, entropy).sum(-1))
