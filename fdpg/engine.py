@@ -514,10 +514,39 @@ class OnlineTrainer:
                 self.run.write_json("summary.json", summary)
                 if status == "finished":
                     self.save_final(str(self.run.dir / "final"))
+                    summary.update(self.final_evaluation())
+                    self.run.write_json("summary.json", summary)
                 self.run.close()
             if cfg.report_to != "none":
                 self.accelerator.end_training()
         return summary
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """``eval.json``: ``--eval_samples`` completions of the final policy and of the base model (cached), scored
+        by the task with standard errors (:func:`fdpg.evaluation.run_evaluation`). Done once per run: a run that
+        finished without it (interrupted while evaluating) evaluates when resumed. A failure is reported in the
+        summary, never raised: the training itself is saved by then."""
+        from fdpg.evaluation import run_evaluation
+        from tasks import TaskSpec
+
+        cfg = self.config
+        path = self.run.dir / "eval.json"
+        if not cfg.eval_samples or path.is_file():
+            return {}
+        spec = TaskSpec(prompts=self.prompts, scorer=self.scorer, target=self.target, metrics=self.metrics_fn)
+        key = {"model": cfg.model, "task": cfg.task, "task_args": cfg.task_args}
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():
+                result = run_evaluation(self.policy, spec, cfg.eval_samples, cfg.max_new_tokens, key,
+                                        getattr(self, "divergence", None), progress=cfg.progress)
+        except Exception as exc:  # the trained weights are in final/ already
+            print(f"[fdpg] the final evaluation failed: {type(exc).__name__}: {exc}", flush=True)
+            return {"eval_error": f"{type(exc).__name__}: {exc}"}
+        result["time_s"] = time.perf_counter() - started
+        self.run.write_json("eval.json", result)
+        return {"eval": {k: result["policy"].get(k) for k in result["policy"] if k != "examples"},
+                "eval_time_s": result["time_s"]}
 
     def _emergency_save(self) -> None:
         """Leave a resumable checkpoint of the last completed step (if not already saved)."""

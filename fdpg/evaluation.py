@@ -9,6 +9,7 @@ target must be fitted before training (distributional constraints) a way to draw
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -63,26 +64,87 @@ def sequence_log_probs(model, batch: SampleBatch, micro_batch: int = 16) -> torc
                       for lo in range(0, len(batch), micro_batch)]).double()
 
 
-def evaluate_policy(policy, spec, n: int, max_new_tokens: int, seed: int = 0) -> dict[str, Any]:
-    """Task metrics, :math:`KL(\\pi\\|a)` and Distinct-n of ``n`` samples from the policy."""
-    batch = draw_samples(policy, spec.prompts, n, max_new_tokens, seed)
+def grouped_jackknife_se(statistic: Callable[[torch.Tensor], float], n: int, groups: int = 32) -> float | None:
+    r"""Standard error of ``statistic(index)`` (a function of the samples ``index`` of ``n``) by the grouped
+    jackknife: with the samples cut into :math:`g` groups and :math:`	heta_{-k}` the statistic without group
+    :math:`k`, :math:`SE = \sqrt{rac{g-1}{g}\sum_k(	heta_{-k} - ar	heta)^2}`. Equals the usual
+    :math:`s/\sqrt n` for a mean when :math:`g = n`; works for fractions, ratios and Distinct-n alike.
+    ``None`` for fewer than 2 samples or a statistic that is not finite."""
+    g = min(groups, n)
+    if g < 2:
+        return None
+    order = torch.arange(n)
+    values = []
+    for k in range(g):
+        keep = order[order % g != k]
+        values.append(float(statistic(keep)))
+    t = torch.tensor(values, dtype=torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        return None
+    return float(((g - 1) / g * ((t - t.mean()) ** 2).sum()).sqrt())
+
+
+def evaluate_policy(policy, spec, n: int, max_new_tokens: int, seed: int = 0, divergence=None,
+                    progress: bool = True, of_reference: bool = False) -> dict[str, Any]:
+    r"""Task metrics, :math:`KL(\pi\|a)` (plain and exact per token), entropy, Distinct-n and, with a
+    ``divergence``, :math:`D_f(\pi\|p)` of ``n`` samples from the policy; each ``NAME`` with ``NAME_se`` (the
+    grouped jackknife, :func:`grouped_jackknife_se`).
+
+    :math:`D_f` uses :math:`\log Z` estimated from the same samples, :math:`\log\frac1n\sum_j P(x_j)/\pi(x_j)`
+    (per prompt when the target is conditional), inside the jackknife too. ``of_reference``: evaluate the
+    reference :math:`a` itself (the origin of every frontier: its KL to itself is 0)."""
+    from objectives import LogZEstimator
+    from objectives.partition import GLOBAL_KEY
+
+    batch = draw_samples(policy, spec.prompts, n, max_new_tokens, seed, progress=progress, reference=of_reference)
     features = checked_features(spec.target, spec.scorer(list(batch.texts), list(batch.prompts)), len(batch))
     log_pi = batch.log_pi.double()
     with policy.reference() as ref:
         log_a = sequence_log_probs(ref, batch)
+        if of_reference:
+            log_pi = log_a  # pi = a: the same pass, so KL(a||a) is exactly 0
     tokens = [row[:k].tolist() for row, k in zip(batch.completion_ids, batch.lengths)]
-    out: dict[str, Any] = {"n": n, **{k: float(v) for k, v in spec.metrics(features).items()}}
-    out["kl_pi_a"] = float((log_pi - log_a).mean())
-    out["kl_pi_a_stderr"] = float((log_pi - log_a).std() / max(n, 1) ** 0.5)
     # The exact next-token KL and entropy summed over each sample's prefix (never negative, lower variance).
-    parts = [exact_token_kl(policy.model, policy.reference, batch.slice(lo, lo + 16)) for lo in range(0, n, 16)]
-    kl, entropy = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    out["kl_pi_a_exact"] = float(kl.mean())
-    out["kl_pi_a_exact_stderr"] = float(kl.std() / max(n, 1) ** 0.5) if n > 1 else None
-    out["entropy_exact"] = float(entropy.mean())
-    out["completion_length"] = float(batch.lengths.double().mean())
-    for k in (1, 2, 3):
-        out[f"distinct_{k}"] = distinct_n(tokens, k)
+    parts = []
+    for lo in range(0, n, 16):
+        part = batch.slice(lo, lo + 16)
+        if of_reference:
+            with policy.reference() as ref:
+                parts.append(exact_token_kl(ref, lambda ref=ref: nullcontext(ref), part))
+        else:
+            parts.append(exact_token_kl(policy.model, policy.reference, part))
+    exact_kl, exact_entropy = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    log_P = spec.target.log_P(log_a, features)
+    keys = list(batch.prompts) if spec.target.conditional else [GLOBAL_KEY] * n
+
+    def d_f(index: torch.Tensor) -> float:
+        estimator = LogZEstimator("running")
+        chosen = [keys[i] for i in index.tolist()]
+        estimator.update((log_P - log_pi)[index], chosen)
+        log_z = estimator.log_z_many(chosen)
+        log_p = torch.where(log_P[index] == -math.inf, log_P[index], log_P[index] - log_z)
+        return float(divergence.estimate(log_pi[index], log_p))
+
+    statistics: dict[str, Callable[[torch.Tensor], float]] = {
+        name: (lambda index, name=name: float(spec.metrics({k: v[index] for k, v in features.items()})[name]))
+        for name in spec.metrics(features)
+    }
+    statistics.update({
+        "kl_pi_a": lambda index: float((log_pi - log_a)[index].mean()),
+        "kl_pi_a_exact": lambda index: float(exact_kl[index].mean()),
+        "entropy": lambda index: float(-log_pi[index].mean()),
+        "entropy_exact": lambda index: float(exact_entropy[index].mean()),
+        "completion_length": lambda index: float(batch.lengths[index].double().mean()),
+        **{f"distinct_{k}": (lambda index, k=k: distinct_n([tokens[i] for i in index.tolist()], k)) for k in (1, 2, 3)},
+    })
+    if divergence is not None:
+        statistics["d_f"] = d_f
+    everything = torch.arange(n)
+    out: dict[str, Any] = {"n": n}
+    for name, statistic in statistics.items():
+        value = statistic(everything)
+        out[name] = value if math.isfinite(value) else None
+        out[f"{name}_se"] = grouped_jackknife_se(statistic, n) if out[name] is not None else None
     out["examples"] = [{"prompt": p, "completion": c} for p, c in list(zip(batch.prompts, batch.texts))[:5]]
     return out
 
@@ -105,3 +167,51 @@ def load_run_policy(run_dir: str | Path, trust_remote_code: bool = False):
         return Policy(PeftModel.from_pretrained(base, str(final)), tokenizer)
     trained = load_causal_lm(str(final), trust_remote_code=trust_remote_code)
     return Policy(trained, tokenizer, reference=base)
+
+
+#: The sampling seed of every run's final evaluation and of the base model's (the same prompts and uniforms).
+EVAL_SEED = 1234
+
+
+def evaluation_cache_dir() -> Path:
+    """``$FDPG_EVAL_CACHE``, else ``$FDPG_CACHE/evals`` (``~/.cache/fdpg/evals``): base-model evaluations, one JSON
+    file per setting."""
+    import os
+
+    if os.environ.get("FDPG_EVAL_CACHE"):
+        return Path(os.environ["FDPG_EVAL_CACHE"]).expanduser()
+    return Path(os.environ.get("FDPG_CACHE") or "~/.cache/fdpg").expanduser() / "evals"
+
+
+def base_evaluation(policy, spec, n: int, max_new_tokens: int, key: dict[str, Any], divergence=None,
+                    progress: bool = True, cache_dir: Path | None = None) -> dict[str, Any]:
+    """The reference model's own evaluation, computed once per ``key`` (model, task, prompts, length, n, seed,
+    target) and cached as JSON in :func:`evaluation_cache_dir`."""
+    import hashlib
+
+    from fdpg.run_log import dumps
+
+    key = {**key, "n": n, "max_new_tokens": max_new_tokens, "seed": EVAL_SEED,
+           "prompts": hashlib.sha256("\n".join(spec.prompts or [""]).encode()).hexdigest(),
+           "target": spec.target.describe(), "divergence": getattr(divergence, "name", None)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = (cache_dir or evaluation_cache_dir()) / f"base-{digest}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["evaluation"]
+        except (ValueError, KeyError):
+            pass  # a torn file: evaluate again
+    result = evaluate_policy(policy, spec, n, max_new_tokens, EVAL_SEED, divergence, progress, of_reference=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(dumps({"key": key, "evaluation": result}) + "\n")
+    tmp.replace(path)
+    return result
+
+
+def run_evaluation(policy, spec, n: int, max_new_tokens: int, key: dict[str, Any], divergence=None,
+                   progress: bool = True) -> dict[str, Any]:
+    """What ``eval.json`` holds: the trained policy's and the base model's evaluations under the same settings."""
+    return {"n": n, "seed": EVAL_SEED, "max_new_tokens": max_new_tokens,
+            "policy": evaluate_policy(policy, spec, n, max_new_tokens, EVAL_SEED, divergence, progress),
+            "base": base_evaluation(policy, spec, n, max_new_tokens, key, divergence, progress)}

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Base-model evaluations of the tests are cached apart from the user's (~/.cache/fdpg/evals).
+os.environ["FDPG_EVAL_CACHE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="fdpg-test-evals-"))
 # Shared test helpers at the top of tests/ (``statistics_testing``) are importable from every test directory.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

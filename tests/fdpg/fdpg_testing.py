@@ -40,7 +40,7 @@ def train_config(model_dir: Path | str, output_dir: Path | str, **overrides: Any
     settings: dict[str, Any] = dict(
         model=str(model_dir), task="toy", divergence="rkl", beta=0.1, steps=3, batch_size=8,
         samples_per_prompt=4, generation_batch_size=8, micro_batch_size=8, max_new_tokens=10,
-        learning_rate=1e-3, seed=0, output_dir=str(output_dir), save_every=10, progress=False,
+        learning_rate=1e-3, seed=0, output_dir=str(output_dir), save_every=10, progress=False, eval_samples=0,
     )
     settings.update(overrides)
     return TrainConfig(**settings)

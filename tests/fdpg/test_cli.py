@@ -13,7 +13,7 @@ from fdpg.cli import main, parse_train_args
 from objectives import available_divergences
 
 SMALL = ["--steps", "1", "--batch_size", "4", "--samples_per_prompt", "2", "--max_new_tokens", "8",
-         "--progress", "false"]
+         "--progress", "false", "--eval_samples", "0"]
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -28,7 +28,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, s
 
 def test_train_sentiment_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     code, out, err = run_cli(["train", "--model", str(tiny_model_dir), "--task", "sentiment",
-                              "--output_dir", str(tmp_path / "run"), *SMALL], capsys)
+                              "--output_dir", str(tmp_path / "run"), *SMALL, "--eval_samples", "32"], capsys)
     assert code == 0, err
     assert "finished after 1/1 steps" in out and str(tmp_path / "run") in out
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -37,7 +37,15 @@ def test_train_sentiment_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path,
     config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
     assert config["task"] == "sentiment" and config["model"] == str(tiny_model_dir)
     assert config["conditional"] is True  # the sentiment task's target is conditional
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "finished"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    # the final evaluation: the policy and the base model, each metric with its standard error and n
+    evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert evaluation["n"] == 32 and summary["eval"]["score/reward"] == evaluation["policy"]["score/reward"]
+    for side in ("policy", "base"):
+        for name in ("score/reward", "score/positive_fraction", "kl_pi_a", "kl_pi_a_exact", "d_f", "distinct_2"):
+            assert evaluation[side][name] is not None and evaluation[side][f"{name}_se"] is not None, (side, name)
+    assert evaluation["base"]["kl_pi_a"] == 0 and evaluation["base"]["kl_pi_a_exact"] == pytest.approx(0, abs=1e-6)
 
 
 def test_config_file_values_are_used_and_flags_override_them(tiny_model_dir: Path, tmp_path: Path,
@@ -45,7 +53,7 @@ def test_config_file_values_are_used_and_flags_override_them(tiny_model_dir: Pat
     config_file = tmp_path / "settings.yaml"
     config_file.write_text(
         f"model: {tiny_model_dir}\ntask: sentiment\ndivergence: js\nbeta: 0.5\nsteps: 3\nbatch_size: 4\n"
-        f"samples_per_prompt: 2\nmax_new_tokens: 8\nprogress: false\nlearning_rate: 0.01\n"
+        f"samples_per_prompt: 2\nmax_new_tokens: 8\nprogress: false\nlearning_rate: 0.01\neval_samples: 0\n"
         f"output_dir: {tmp_path / 'from-file'}\n"
     )
     parsed = parse_train_args(["--config", str(config_file), "--divergence", "fkl", "--steps", "1"])

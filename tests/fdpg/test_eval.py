@@ -91,7 +91,7 @@ def test_evaluation_of_a_trained_run_measures_the_trained_weights(trained_run: d
     trained = evaluate_policy(load_run_policy(trained_run["dir"]), spec, n=32, max_new_tokens=6, seed=0)
     base = evaluate_policy(Policy.from_pretrained(str(tiny_model_dir)), spec, n=32, max_new_tokens=6, seed=0)
     assert abs(base["kl_pi_a"]) < 1e-4
-    assert trained["kl_pi_a"] > max(0.05, 5 * trained["kl_pi_a_stderr"]), trained
+    assert trained["kl_pi_a"] > max(0.05, 5 * trained["kl_pi_a_se"]), trained
     assert trained["examples"] != base["examples"]
 
 
@@ -147,3 +147,38 @@ def test_cli_eval_of_an_unfinished_run_says_so(trained_run: dict[str, Any], prom
     assert code == 2 and "has no final/ model" in err and "Traceback" not in err
     code, _, err = _run_cli(_eval_argv(unfinished, prompts_file, "--n", "0"), capsys)
     assert code == 2 and "--n must be a positive" in err
+
+
+def test_every_finished_run_is_evaluated_once_and_the_base_model_is_cached(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval.json at the end of a run (policy and base, each with standard errors); the base model's evaluation
+    is computed once per setting; a finished run without eval.json evaluates when resumed, one with it does not."""
+    import fdpg.evaluation as evaluation
+
+    monkeypatch.setenv("FDPG_EVAL_CACHE", str(tmp_path / "cache"))
+    calls: list[bool] = []
+    real = evaluation.evaluate_policy
+
+    def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(bool(kwargs.get("of_reference")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_policy", counted)
+    first = build_trainer(tiny_model_dir, tmp_path / "first", steps=1, eval_samples=16)
+    assert first.train()["status"] == "finished"
+    assert calls == [False, True]
+    result = json.loads((first.run_dir / "eval.json").read_text())
+    assert result["n"] == 16 and result["base"]["kl_pi_a"] == 0 and result["policy"]["kl_pi_a_exact"] >= 0
+    assert result["policy"]["score/reward_se"] > 0 and len(list((tmp_path / "cache").glob("base-*.json"))) == 1
+    second = build_trainer(tiny_model_dir, tmp_path / "second", steps=1, eval_samples=16)
+    second.train()
+    assert calls == [False, True, False]  # the base model's evaluation came from the cache
+    assert json.loads((second.run_dir / "eval.json").read_text())["base"] == result["base"]
+
+    (first.run_dir / "eval.json").unlink()  # as if the run had been killed while evaluating
+    resumed = build_trainer(tiny_model_dir, tmp_path / "ignored", steps=1, eval_samples=16,
+                            resume=str(first.run_dir))
+    assert resumed.train()["status"] == "finished"
+    assert calls[3:] == [False] and (first.run_dir / "eval.json").is_file()
+    build_trainer(tiny_model_dir, tmp_path / "ignored", steps=1, eval_samples=16, resume=str(first.run_dir)).train()
+    assert len(calls) == 4  # evaluated already: not again

@@ -56,7 +56,7 @@ def _argv(task: str, tiny_model_dir: Path, tmp_path: Path, *extra: str) -> list[
     prompts.write_text("\n".join(PROMPTS) + "\n")
     return ["--model", str(tiny_model_dir), "--task", task, "--task_args", TASKS[task][1],
             "--prompts_file", str(prompts), "--fit_samples", str(FIT_SAMPLES), "--max_new_tokens", str(MAX_NEW_TOKENS),
-            "--batch_size", "4", "--samples_per_prompt", "2", "--progress", "false", *extra]
+            "--batch_size", "4", "--samples_per_prompt", "2", "--progress", "false", "--eval_samples", "0", *extra]
 
 
 def _per_prompt_moment(texts: list[str], prompts: list[str], lam: float) -> float:
