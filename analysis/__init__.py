@@ -1,15 +1,18 @@
 """Logged runs -> pandas -> Pareto frontiers and plots. Reads run directories only, never the trainer.
 
->>> from analysis import load_runs, final_points, pareto_frontier, plot_pareto
+>>> from analysis import load_runs, final_points, seed_points, pareto_frontier, plot_pareto, hue_palette
 >>> metrics = load_runs("runs/*")                     # one row per (run, step), settings as columns
->>> points = final_points(metrics, last=5)            # one row per run: mean of its last 5 steps
->>> front = pareto_frontier(points, x="kl_pi_a", y="score/reward")
->>> plot_pareto(points, x="kl_pi_a", y="score/reward", hue="divergence", path="pareto.png")
+>>> points = final_points(metrics, last=5)            # one row per run: mean and standard error of its last 5 steps
+>>> pooled = seed_points(points)                      # runs that differ only in the seed: one point, s.e. over seeds
+>>> front = pareto_frontier(pooled, x="kl_pi_a", y="score/reward")
+>>> palette = hue_palette(points["method"])           # one colour per method, shared by every figure
+>>> plot_pareto(points, x="kl_pi_a", y="score/reward", hue="method", palette=palette, path="pareto.png")
+>>> plot_training_curves(metrics, hue="method", palette=palette, path="curves.png")
 """
 
-from analysis.pareto import final_points, pareto_frontier
-from analysis.plots import plot_pareto, plot_training_curves
+from analysis.pareto import final_points, pareto_frontier, seed_points
+from analysis.plots import hue_palette, metric_label, plot_pareto, plot_training_curves, smooth
 from analysis.runs import load_run, load_runs, load_samples
 
-__all__ = ["final_points", "load_run", "load_runs", "load_samples", "pareto_frontier", "plot_pareto",
-           "plot_training_curves"]
+__all__ = ["final_points", "hue_palette", "load_run", "load_runs", "load_samples", "metric_label", "pareto_frontier",
+           "plot_pareto", "plot_training_curves", "seed_points", "smooth"]

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
-#: Settings copied from ``config.json`` onto every metrics row (the usual grouping variables), and ``method``:
-#: the algorithm and, for f-DPG, its divergence (``f-DPG rkl``, ``PPO``), one label per curve of a frontier plot.
+#: Settings copied from ``config.json`` onto every metrics row (the usual grouping variables), ``method``:
+#: the algorithm and, for f-DPG, its divergence (``f-DPG rkl``, ``PPO``), one label per curve of a frontier plot,
+#: and ``setting_id`` (:func:`setting_id`): runs with equal ids differ at most in the seed.
 SETTING_COLUMNS = ("task", "algo", "divergence", "method", "beta", "model", "lora_r", "learning_rate",
-                   "batch_size", "seed")
+                   "batch_size", "seed", "setting_id")
+#: Config keys that do not change what a run computes (the seed, where it writes, how often it logs or saves):
+#: left out of ``setting_id``. A copy of fdpg.config's resumable fields minus ``steps`` (analysis reads files and
+#: imports nothing of the trainer); a key missing here only keeps runs apart, it never pools different runs.
+NOT_A_SETTING = frozenset({"seed", "output_dir", "resume", "report_to", "save_every", "log_samples_every", "progress",
+                           "exact_kl_every"})
 #: How ``method`` names the algorithms of ``algo`` (f-DPG is labelled with its divergence).
 ALGORITHM_LABELS = {"fdpg": "f-DPG", "ppo": "PPO"}
 
@@ -23,6 +30,14 @@ def method_label(config: dict) -> str:
     if algo == "fdpg":
         return f"f-DPG {config.get('divergence')}"
     return ALGORITHM_LABELS.get(algo, algo)
+
+
+def setting_id(config: dict) -> str:
+    """A short digest of every setting of ``config`` but the seed and bookkeeping (:data:`NOT_A_SETTING`): runs with
+    the same id are repetitions of one experiment over seeds, the ones :func:`analysis.pareto.seed_points` pools."""
+    kept = {k: v for k, v in config.items() if k not in NOT_A_SETTING}
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -55,7 +70,8 @@ def load_run(run_dir: str | Path) -> pd.DataFrame:
     config = run_config(run_dir)
     frame = pd.DataFrame(_read_jsonl(run_dir / "metrics.jsonl"))
     frame.insert(0, "run", run_dir.name)
-    settings = {**config, "algo": config.get("algo") or "fdpg", "method": method_label(config)}
+    config = {**config, "algo": config.get("algo") or "fdpg"}  # runs made before --algo existed are f-DPG
+    settings = {**config, "method": method_label(config), "setting_id": setting_id(config)}
     for key in SETTING_COLUMNS:
         frame[key] = settings.get(key)
     return frame

@@ -204,32 +204,58 @@ def cmd_eval(argv: Sequence[str]) -> int:
 
 def cmd_analyze(argv: Sequence[str]) -> int:
     """``fdpg analyze RUN [RUN ...] --out DIR``: final points, Pareto frontier and plots of logged runs."""
-    from analysis import final_points, load_runs, pareto_frontier, plot_pareto, plot_training_curves
+    import analysis
 
     parser = argparse.ArgumentParser(prog="fdpg analyze", description=cmd_analyze.__doc__)
     parser.add_argument("runs", nargs="+", help="run directories, directories of runs, or glob patterns")
     parser.add_argument("--out", default="analysis-report", help="where to write points.csv and the plots")
-    parser.add_argument("--x", default="kl_pi_a", help="divergence axis (default: KL(pi||a))")
+    parser.add_argument("--x", default=None,
+                        help="divergence axis (default: kl_pi_a_exact, the exact per-token KL(pi||a), when every run "
+                             "logged it within its last steps, else kl_pi_a)")
     parser.add_argument("--y", default="score/reward", help="alignment-score axis")
     parser.add_argument("--hue", default="method",
                         help="the column that groups runs into curves (default: method, e.g. 'f-DPG rkl', 'PPO')")
     parser.add_argument("--last", type=int, default=5, help="steps averaged into each run's point")
+    parser.add_argument("--smoothing", type=float, default=0.8,
+                        help="exponential-moving-average weight of the training curves, in [0, 1); 0: raw values")
     args = parser.parse_args(list(argv))
     import pandas as pd
 
-    metrics = pd.concat([load_runs(p) for p in args.runs], ignore_index=True).drop_duplicates(["run", "step"])
-    points = final_points(metrics, last=args.last)
+    metrics = pd.concat([analysis.load_runs(p) for p in args.runs], ignore_index=True).drop_duplicates(["run", "step"])
+    points = analysis.final_points(metrics, last=args.last)
+    pooled = analysis.seed_points(points) if args.hue not in ("run", "seed") else points
+    x = args.x
+    if x is None:
+        exact = "kl_pi_a_exact"
+        x = exact if exact in points and points[exact].notna().all() else "kl_pi_a"
+        if exact in points and x != exact:
+            lacking = ", ".join(points.loc[points[exact].isna(), "run"])
+            print(f"x axis: kl_pi_a ({exact} not logged in the last {args.last} steps of {lacking}; "
+                  "raise --last or train with a smaller --exact_kl_every)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     points.to_csv(out / "points.csv", index=False)
+    written = [out / "points.csv"]
+    if (pooled["n_runs"] > 1).any():
+        pooled.to_csv(out / "seed_points.csv", index=False)
+        written.append(out / "seed_points.csv")
     y = args.y if args.y in points else next((c for c in points if c.startswith("score/")), args.y)
-    plot_pareto(points, x=args.x, y=y, hue=args.hue, path=out / "pareto.png")
-    plot_training_curves(metrics, columns=(y, args.x, "d_f"), path=out / "curves.png")
-    front = pareto_frontier(points, x=args.x, y=y)
-    shown = ["run", *[c for c in (args.hue, "beta", "final_step", args.x, y) if c in points]]
-    print(points[shown].to_string(index=False))
-    print(f"\nPareto frontier ({args.x} low, {y} high): {', '.join(front['run'])}")
-    print(f"wrote {out / 'points.csv'}, {out / 'pareto.png'}, {out / 'curves.png'}")
+    # one colour per group, the same in both figures
+    palette = analysis.hue_palette(points[args.hue]) if args.hue in points else None
+    analysis.plot_pareto(pooled, x=x, y=y, hue=args.hue, palette=palette, path=out / "pareto.png")
+    curves = list(dict.fromkeys((y, x, "kl_pi_a", "d_f")))
+    analysis.plot_training_curves(metrics, columns=curves, hue=args.hue, palette=palette, smoothing=args.smoothing,
+                                  path=out / "curves.png")
+    written += [out / "pareto.png", out / "curves.png"]
+    front = analysis.pareto_frontier(pooled, x=x, y=y)
+    columns = ("run", args.hue, "beta", "n_runs", "final_step", "n_steps", x, f"{x}_se", y, f"{y}_se")
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.precision", 4):
+        print(points[[c for c in dict.fromkeys(columns) if c in points and c != "n_runs"]].to_string(index=False))
+        if (pooled["n_runs"] > 1).any():
+            print("\nruns that differ only in the seed, pooled (mean, standard error over seeds):")
+            print(pooled[[c for c in dict.fromkeys(columns) if c in pooled]].to_string(index=False))
+    print(f"\nPareto frontier ({x} low, {y} high): {', '.join(front['run'])}")
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
 
