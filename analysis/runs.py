@@ -77,8 +77,9 @@ def load_run(run_dir: str | Path) -> pd.DataFrame:
     return frame
 
 
-def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
-    """Metrics of several runs (a glob pattern, a directory holding runs, or a list of run directories)."""
+def run_dirs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """The run directories (with a ``config.json``) a glob pattern, a directory holding runs, a run directory or a
+    list of run directories names."""
     if isinstance(paths, (str, Path)):
         text = str(paths)
         if any(ch in text for ch in "*?["):
@@ -92,7 +93,12 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     runs = [p for p in candidates if (p / "config.json").is_file()]
     if not runs:
         raise FileNotFoundError(f"no run directory (with config.json) found in {paths!r}")
-    return pd.concat([load_run(p) for p in runs], ignore_index=True)
+    return runs
+
+
+def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """Metrics of several runs (a glob pattern, a directory holding runs, or a list of run directories)."""
+    return pd.concat([load_run(p) for p in run_dirs(paths)], ignore_index=True)
 
 
 def load_samples(run_dir: str | Path) -> pd.DataFrame:

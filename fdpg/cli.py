@@ -218,11 +218,25 @@ def cmd_analyze(argv: Sequence[str]) -> int:
     parser.add_argument("--last", type=int, default=5, help="steps averaged into each run's point")
     parser.add_argument("--smoothing", type=float, default=0.8,
                         help="exponential-moving-average weight of the training curves, in [0, 1); 0: raw values")
+    parser.add_argument("--source", choices=["auto", "eval", "train"], default="auto",
+                        help="where a run's point comes from: its final evaluation (eval.json) when it has one "
+                             "(auto), only evaluated runs (eval), or the mean of its last training steps (train)")
     args = parser.parse_args(list(argv))
     import pandas as pd
 
     metrics = pd.concat([analysis.load_runs(p) for p in args.runs], ignore_index=True).drop_duplicates(["run", "step"])
     points = analysis.final_points(metrics, last=args.last)
+    if args.source != "train":
+        dirs = list(dict.fromkeys(d for p in args.runs for d in analysis.run_dirs(p)))
+        evaluations = analysis.load_evaluations(dirs)
+        points = analysis.evaluated_points(points, evaluations, last=args.last)
+        if args.source == "eval":
+            points = points[points["source"].str.startswith("eval")].reset_index(drop=True)
+            if points.empty:
+                raise ValueError("--source eval: none of these runs has an eval.json (train with --eval_samples N)")
+        base = analysis.base_points(dirs)
+        if not base.empty:  # the base model's own point: every frontier starts at its origin (KL 0)
+            points = pd.concat([points, base], ignore_index=True)
     pooled = analysis.seed_points(points) if args.hue not in ("run", "seed") else points
     x = args.x
     if x is None:
@@ -248,7 +262,7 @@ def cmd_analyze(argv: Sequence[str]) -> int:
                                   path=out / "curves.png")
     written += [out / "pareto.png", out / "curves.png"]
     front = analysis.pareto_frontier(pooled, x=x, y=y)
-    columns = ("run", args.hue, "beta", "n_runs", "final_step", "n_steps", x, f"{x}_se", y, f"{y}_se")
+    columns = ("run", args.hue, "beta", "n_runs", "final_step", "n_steps", x, f"{x}_se", y, f"{y}_se", "source")
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.precision", 4):
         print(points[[c for c in dict.fromkeys(columns) if c in points and c != "n_runs"]].to_string(index=False))
         if (pooled["n_runs"] > 1).any():
