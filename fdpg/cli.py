@@ -89,6 +89,8 @@ def build_trainer(config: TrainConfig):
     if config.algo == "ppo":
         # PPO needs a reward, not a fitted target: refused or rebuilt here, before any model is loaded.
         spec.target, spec.fit = reward_target(spec.target, config.reward_feature, config.beta), None
+    else:
+        refuse_infinite_divergence_to_zeros(spec.target, config)
     torch.manual_seed(config.seed)
     lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules) \
         if config.lora_r > 0 else None
@@ -99,6 +101,20 @@ def build_trainer(config: TrainConfig):
     trainer = algorithm(config, policy, target, spec.scorer, spec.prompts, spec.metrics)
     trainer.run_extras = {"target_fit": fit_details} if fit_details else {}
     return trainer
+
+
+def refuse_infinite_divergence_to_zeros(target, config: TrainConfig) -> None:
+    """A target that can be zero (a binary constraint) with a divergence whose f'(inf) is infinite (reverse KL,
+    chi2) fails at the first sample with P = 0: say so before any model is loaded."""
+    import math
+
+    from objectives import BinaryConstraint, ZeroTargetError, get_divergence
+
+    divergence = get_divergence(config.divergence)
+    if (config.max_log_ratio is None and math.isinf(divergence.f_prime_inf)
+            and any(isinstance(e, BinaryConstraint) for e in target.energies)):
+        raise ZeroTargetError(f"task {config.task!r}: its target {target.describe()} is 0 wherever the constraint "
+                              f"fails, where {divergence.zero_target_problem()}")
 
 
 def fit_target(spec, policy, max_new_tokens: int, n: int | None, seed: int, resume: str | None = None):
@@ -183,7 +199,9 @@ def cmd_eval(argv: Sequence[str]) -> int:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--prompts_file", "--prompts-file", default=None)
-    parser.add_argument("--output", default=None, help="write the JSON result here (default: RUN/eval-TASK.json)")
+    parser.add_argument("--out", "--output", dest="output", default=None,
+                        help="write the full JSON result here (default for a run directory: RUN/eval-TASK.json)")
+    parser.add_argument("--json", action="store_true", help="print the full JSON result instead of the table")
     args = parser.parse_args(list(argv))
     if args.n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {args.n}")
@@ -195,11 +213,31 @@ def cmd_eval(argv: Sequence[str]) -> int:
     metrics = evaluate_policy(policy, spec, args.n, args.max_new_tokens, args.seed)
     result = {"task": args.task, "model": args.model, **metrics}
     text = dumps(result)
-    print(text)
     output = args.output or (str(Path(args.model) / f"eval-{args.task}.json") if is_run else None)
     if output:
         Path(output).write_text(text + "\n")
+    print(text if args.json else evaluation_table(result) + (f"\nwrote {output}" if output else ""))
     return 0
+
+
+def evaluation_table(result: dict) -> str:
+    """A person's view of an evaluation: one line per metric (value, standard error), then a few examples."""
+    names = [k for k, v in result.items() if (isinstance(v, (int, float)) or v is None) and not k.endswith("_se")
+             and k != "n"]
+    width = max(len(k) for k in names)
+
+    def number(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [f"{result['model']} on {result['task']}: {result['n']} completions", "",
+             f"{'metric':<{width}}  {'value':>10}  {'s.e.':>8}"]
+    for k in names:
+        se = number(result[f"{k}_se"]) if f"{k}_se" in result else ""
+        lines.append(f"{k:<{width}}  {number(result[k]):>10}  {se:>8}")
+    examples = result.get("examples", [])[:3]
+    if examples:
+        lines += ["", "examples:"] + [f"  {e['prompt']!r} -> {e['completion']!r}" for e in examples]
+    return "\n".join(lines)
 
 
 def cmd_analyze(argv: Sequence[str]) -> int:

@@ -348,6 +348,18 @@ def _load_with_fallback(name_or_path: str, load: Callable[[str], T]) -> T:
         return load(resolved)
     except OSError as error:
         if str(name_or_path).strip() != EMBEDDED_HUB_NAME or resolved != EMBEDDED_HUB_NAME:
+            if not Path(resolved).exists() and "/" in str(resolved):
+                raise FileNotFoundError(unreachable_model_message(str(name_or_path))) from error
             raise
         logger.warning("Could not load %s from the hub (%s); using the embedded copy", name_or_path, error)
         return load(str(prepare_embedded_model()))
+
+
+def unreachable_model_message(name: str) -> str:
+    """fdpg's words for a hub name that is neither cached locally nor downloadable."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    why = ("the hub is switched off here (HF_HUB_OFFLINE is set)" if offline
+           else "the hub could not be reached (no network, or the name does not exist)")
+    return (f"--model {name!r}: not a local directory, and not in the local Hugging Face cache; {why}. Use a "
+            f"local directory holding the model, run once where the hub is reachable so that it is cached, or "
+            f"use the embedded default '{DEFAULT_MODEL}'.")

@@ -130,13 +130,15 @@ class Divergence(ABC):
                 log_t = log_t.clamp(max=float(max_log_ratio))
             elif math.isinf(self.f_prime_inf) and bool((log_t == math.inf).any()):
                 n = int((log_t == math.inf).sum())
-                raise ZeroTargetError(
-                    f"{n} sample(s) have p(x) = 0 (log p = -inf), where the pseudo-reward of divergence "
-                    f"{self.name!r} is -f'(inf) = -inf and D_f(pi||p) is infinite. Use a divergence with a "
-                    "finite f'(inf) (fkl, tv, js, hellinger, alpha:<1), or pass max_log_ratio=... to clip "
-                    "log(pi/p) (a biased surrogate)."
-                )
+                raise ZeroTargetError(f"{n} sample(s) have p(x) = 0 (log p = -inf), where "
+                                      + self.zero_target_problem())
             return (-self.f_prime(log_t)).to(out_dtype)
+
+    def zero_target_problem(self) -> str:
+        """Why this divergence cannot train toward a target with zeros, and what to do instead."""
+        return (f"the pseudo-reward of divergence {self.name!r} is -f'(inf) = -inf and D_f(pi||p) is infinite. Use a "
+                "divergence with a finite f'(inf) (fkl, tv, js, hellinger, alpha:<1), or pass max_log_ratio=... to "
+                "clip log(pi/p) (a biased surrogate).")
 
     def estimate(
         self, log_pi: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor | None = None

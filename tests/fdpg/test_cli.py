@@ -185,3 +185,19 @@ def test_task_defaults_apply_where_the_user_set_nothing(tmp_path) -> None:
     file = tmp_path / "c.yaml"
     file.write_text("divergence: hellinger\n")
     assert parse_train_args(["--task", "lexical", "--config", str(file)]).divergence == "hellinger"
+
+
+def test_a_zero_target_with_reverse_kl_is_refused_before_any_model_is_loaded(tmp_path: Path, capsys) -> None:
+    """lexical (P = a b) with rkl: refused at once with the reason, not after loading a model and sampling."""
+    code, _, err = run_cli(["train", "--model", str(tmp_path / "no-such-model"), "--task", "lexical",
+                            "--divergence", "rkl", "--output_dir", str(tmp_path / "run"), *SMALL], capsys)
+    assert code == 2 and "0 wherever the constraint fails" in err and "'rkl'" in err and "fkl" in err
+    assert "no-such-model" not in err and not (tmp_path / "run").exists()
+
+
+def test_an_uncached_hub_model_with_the_hub_offline_says_so(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["train", "--model", "HuggingFaceTB/SmolLM2-360M-not-cached", "--output_dir",
+                            str(tmp_path / "run"), *SMALL], capsys)
+    assert code == 2
+    assert "not in the local Hugging Face cache" in err and "HF_HUB_OFFLINE" in err
+    assert "smollm2-135m-instruct" in err

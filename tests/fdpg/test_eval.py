@@ -116,7 +116,7 @@ def prompts_file(tmp_path: Path) -> Path:
 def test_cli_eval_of_a_run_directory(trained_run: dict[str, Any], prompts_file: Path, tiny_model_dir: Path,
                                      capsys: pytest.CaptureFixture) -> None:
     run_dir: Path = trained_run["dir"]
-    code, out, err = _run_cli(_eval_argv(run_dir, prompts_file), capsys)
+    code, out, err = _run_cli(_eval_argv(run_dir, prompts_file, "--json"), capsys)
     assert code == 0, err
     result = json.loads(out)
     assert result["task"] == "sentiment" and result["model"] == str(run_dir) and result["n"] == 8
@@ -130,7 +130,7 @@ def test_cli_eval_of_a_run_directory(trained_run: dict[str, Any], prompts_file: 
     direct = evaluate_policy(load_run_policy(run_dir), spec, 8, 6, seed=1234)
     assert {k: v for k, v in result.items() if k not in ("task", "model")} == json.loads(json.dumps(direct))
     # a plain model directory is evaluated too, and nothing is written into it unless --output says where
-    code, out, err = _run_cli(_eval_argv(tiny_model_dir, prompts_file), capsys)
+    code, out, err = _run_cli(_eval_argv(tiny_model_dir, prompts_file, "--json"), capsys)
     assert code == 0, err
     assert abs(json.loads(out)["kl_pi_a"]) < 1e-4 and not list(Path(tiny_model_dir).glob("eval-*.json"))
     target = prompts_file.parent / "base.json"
@@ -182,3 +182,16 @@ def test_every_finished_run_is_evaluated_once_and_the_base_model_is_cached(
     assert calls[3:] == [False] and (first.run_dir / "eval.json").is_file()
     build_trainer(tiny_model_dir, tmp_path / "ignored", steps=1, eval_samples=16, resume=str(first.run_dir)).train()
     assert len(calls) == 4  # evaluated already: not again
+
+
+def test_cli_eval_prints_a_table_for_a_person(tiny_model_dir: Path, prompts_file: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """Without --json: one line per metric with its value and standard error, a few examples; --out the JSON."""
+    target = tmp_path / "eval.json"
+    code, out, err = _run_cli(_eval_argv(tiny_model_dir, prompts_file, "--out", str(target)), capsys)
+    assert code == 0, err
+    result = json.loads(target.read_text())
+    assert out.splitlines()[0].endswith("on sentiment: 8 completions") and f"wrote {target}" in out
+    line = next(row for row in out.splitlines() if row.startswith("score/reward "))
+    assert line.split()[1:] == [f"{result['score/reward']:.4f}", f"{result['score/reward_se']:.4f}"]
+    assert "examples:" in out and not out.lstrip().startswith("{")
