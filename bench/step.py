@@ -21,11 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import BATCH, BETA, LORA_ALPHA, LORA_R, LORA_TARGETS, LR, MAX_NEW_TOKENS, MODEL, PROMPTS  # noqa: E402
 
-PHASES = ("time/generate", "time/score", "time/reference", "time/values", "time/bookkeeping", "time/backward",
-          "time/optimizer")
+PHASES = ("time/generate", "time/score", "time/reference", "time/exact_kl", "time/values", "time/bookkeeping",
+          "time/backward", "time/optimizer")
 
 
-def build_trainer(full: bool = False, mixed_precision: str = "no", seed: int = 0, algo: str = "fdpg"):
+def build_trainer(full: bool = False, mixed_precision: str = "no", seed: int = 0, algo: str = "fdpg",
+                  exact_kl_every: int = 0):
     """The f-DPG (or PPO) trainer on W (or W-full) as a user would build it."""
     import torch
 
@@ -42,7 +43,7 @@ def build_trainer(full: bool = False, mixed_precision: str = "no", seed: int = 0
         baseline="loo",  # one sample per prompt: the whole-batch leave-one-out baseline
         mixed_precision=mixed_precision, seed=seed, progress=False, log_samples_every=0, save_every=10**9,
         output_dir=os.path.join(tempfile.gettempdir(), "fdpg-bench-unused"),
-        algo=algo, ppo_epochs=1, ppo_minibatches=1,
+        algo=algo, ppo_epochs=1, ppo_minibatches=1, exact_kl_every=exact_kl_every, eval_samples=0,
     )
     spec = get_task("sentiment").build(config.beta, {}, PROMPTS)
     torch.manual_seed(seed)
@@ -56,8 +57,8 @@ def build_trainer(full: bool = False, mixed_precision: str = "no", seed: int = 0
 class FdpgStepper:
     """Callable ``step(i) -> {'time', 'tokens', phases...}`` around the trainer's ``train_step``."""
 
-    def __init__(self, full: bool = False, mixed_precision: str = "no", algo: str = "fdpg"):
-        self.trainer = build_trainer(full, mixed_precision, algo=algo)
+    def __init__(self, full: bool = False, mixed_precision: str = "no", algo: str = "fdpg", exact_kl_every: int = 0):
+        self.trainer = build_trainer(full, mixed_precision, algo=algo, exact_kl_every=exact_kl_every)
         self.i = 0
 
     def __call__(self, _: int) -> dict:
@@ -74,6 +75,8 @@ class FdpgStepper:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--algo", default="fdpg", choices=["fdpg", "ppo"])
+    ap.add_argument("--exact_kl_every", type=int, default=0,
+                    help="log kl_pi_a_exact every N steps (1: every step, to time it; 0: never, the default here)")
     ap.add_argument("--full", action="store_true", help="W-full: full fine-tuning (frozen reference copy)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -87,11 +90,12 @@ def main() -> None:
         common.wait_quiet()
     load0 = common.loadavg()
     contention = common.Contention()
-    stepper = FdpgStepper(args.full, args.mixed_precision, args.algo)
+    stepper = FdpgStepper(args.full, args.mixed_precision, args.algo, args.exact_kl_every)
     recs = common.timed_loop(stepper, args.warmup, args.steps)
     calm = common.quiet(recs) or recs
     common.emit({
-        "bench": "step", "framework": "fdpg", "algo": args.algo, "workload": "W-full" if args.full else "W",
+        "bench": "step", "framework": "fdpg", "algo": args.algo, "exact_kl_every": args.exact_kl_every,
+        "workload": "W-full" if args.full else "W",
         "mixed_precision": args.mixed_precision,
         "steps_quiet": f"{len(common.quiet(recs))}/{len(recs)}",  # medians over the quiet steps (all if none)
         **common.summarise([r["time"] for r in calm], [r["tokens"] for r in calm]),
