@@ -315,7 +315,7 @@ class OnlineTrainer:
             for lo in range(0, len(batch), self.config.micro_batch_size):
                 parts.append(exact_token_kl(model, lambda: self.policy.reference(model),
                                             batch.slice(lo, lo + self.config.micro_batch_size)))
-        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+        return torch.cat([p.kl for p in parts]).cpu(), torch.cat([p.entropy for p in parts]).cpu()
 
     def sample(self, step: int) -> SampleBatch:
         """This process's share of the step's samples, drawn chunk by chunk with per-chunk seeds."""

@@ -100,13 +100,9 @@ def evaluate_policy(policy, spec, n: int, max_new_tokens: int, seed: int = 0, di
     batch = draw_samples(policy, spec.prompts, n, max_new_tokens, seed, chunk=chunk, progress=progress,
                          reference=of_reference)
     features = checked_features(spec.target, spec.scorer(list(batch.texts), list(batch.prompts)), len(batch))
-    log_pi = batch.log_pi.double()
-    with policy.reference() as ref:
-        log_a = sequence_log_probs(ref, batch)
-        if of_reference:
-            log_pi = log_a  # pi = a: the same pass, so KL(a||a) is exactly 0
     tokens = [row[:k].tolist() for row, k in zip(batch.completion_ids, batch.lengths)]
-    # The exact next-token KL and entropy summed over each sample's prefix (never negative, lower variance).
+    # One pass of each model gives log a(x) and the exact next-token KL and entropy summed over each sample's
+    # prefix (never negative, lower variance); the reference's own evaluation is a pass of a against itself.
     parts = []
     for lo in range(0, n, 16):
         part = batch.slice(lo, lo + 16)
@@ -115,7 +111,8 @@ def evaluate_policy(policy, spec, n: int, max_new_tokens: int, seed: int = 0, di
                 parts.append(exact_token_kl(ref, lambda ref=ref: nullcontext(ref), part))
         else:
             parts.append(exact_token_kl(policy.model, policy.reference, part))
-    exact_kl, exact_entropy = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    exact_kl, exact_entropy, log_a = (torch.cat([getattr(p, k) for p in parts]) for k in ("kl", "entropy", "log_a"))
+    log_pi = log_a if of_reference else batch.log_pi.double()  # pi = a: KL(a||a) is exactly 0
     log_P = spec.target.log_P(log_a, features)
     keys = list(batch.prompts) if spec.target.conditional else [GLOBAL_KEY] * n
 

@@ -19,6 +19,7 @@ head with hooks, or a model whose logits are not ``W h + c``, e.g. soft-capped) 
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -179,26 +180,39 @@ def _head(model: torch.nn.Module) -> torch.nn.Module:
     return get()
 
 
+class ExactTokenStats(NamedTuple):
+    """Per completion (``[B]`` float64 each): the exact next-token KL and entropy summed over its prefix, and its
+    log-probability under the policy and under the reference (from the same logits)."""
+
+    kl: torch.Tensor
+    entropy: torch.Tensor
+    log_pi: torch.Tensor
+    log_a: torch.Tensor
+
+
 @torch.inference_mode()
 def exact_token_kl(model: torch.nn.Module, reference, batch: SampleBatch,
-                   chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_rows: int = CHUNK_ROWS) -> ExactTokenStats:
     r"""Per completion, :math:`\sum_t KL(\pi(\cdot\mid s_t)\,\|\,a(\cdot\mid s_t))` and :math:`\sum_t H(\pi(\cdot\mid
-    s_t))` over its real positions (``[B]`` each, float64): the exact next-token KL and entropy summed over the
-    sampled prefix.
+    s_t))` over its real positions: the exact next-token KL and entropy summed over the sampled prefix; and, from
+    the same logits, :math:`\log\pi(x)` and :math:`\log a(x)` (so that an evaluation needs no other pass).
 
     By the chain rule :math:`KL(\pi\|a) = E_{x\sim\pi}[\sum_t KL(\pi(\cdot\mid s_t)\|a(\cdot\mid s_t))]`, so the
     mean of the first over samples of :math:`\pi` estimates the sequence KL like :math:`\log\pi(x) - \log a(x)`
     does, but each term is non-negative and its variance is far lower (only the prefixes are random). Likewise
     for the entropy. ``reference`` is a context manager yielding the reference model (the policy's
-    :meth:`fdpg.policy.Policy.reference`). Two forward passes (policy and reference) that keep only hidden
-    states; the logits of both models exist together for ``chunk_rows`` positions at a time.
+    :meth:`fdpg.policy.Policy.reference`). Two forward passes (policy and reference, oneDNN linears on the CPU)
+    that keep only hidden states; the logits of both models exist together for ``chunk_rows`` positions at a time.
     """
+    from fdpg.onednn_linears import onednn_linears
+
     mask = batch.completion_mask.bool()
-    hidden_pi = _completion_hidden(model, batch)[mask]
-    with reference() as ref:
+    tokens = batch.completion_ids[mask].unsqueeze(-1)
+    with onednn_linears(model, prepack_rows=None):
+        hidden_pi = _completion_hidden(model, batch)[mask]
+    with reference() as ref, onednn_linears(ref, prepack_rows=None):
         hidden_a = _completion_hidden(ref, batch)[mask]
-    kl = torch.empty(hidden_pi.shape[0], dtype=torch.float64, device=hidden_pi.device)
-    entropy = torch.empty_like(kl)
+    stats = torch.empty(4, hidden_pi.shape[0], dtype=torch.float64, device=hidden_pi.device)
     for lo in range(0, hidden_pi.shape[0], chunk_rows):
         hi = lo + chunk_rows
         log_pi = torch.log_softmax(_head(model)(hidden_pi[lo:hi]).float(), -1)
@@ -206,8 +220,10 @@ def exact_token_kl(model: torch.nn.Module, reference, batch: SampleBatch,
             log_a = torch.log_softmax(_head(ref)(hidden_a[lo:hi]).float(), -1)
         pi = log_pi.exp()
         # fp32 terms, float64 sums; a KL is never negative (rounding can make a ~1e-8 one so)
-        kl[lo:hi] = (pi * (log_pi - log_a)).sum(-1, dtype=torch.float64).clamp(min=0)
-        entropy[lo:hi] = -(pi * log_pi).sum(-1, dtype=torch.float64)
-    per_token = torch.zeros(mask.shape, dtype=torch.float64, device=kl.device)
-    return (per_token.masked_scatter(mask, kl).sum(-1),
-            torch.zeros_like(per_token).masked_scatter(mask, entropy).sum(-1))
+        stats[0, lo:hi] = (pi * (log_pi - log_a)).sum(-1, dtype=torch.float64).clamp(min=0)
+        stats[1, lo:hi] = -(pi * log_pi).sum(-1, dtype=torch.float64)
+        stats[2, lo:hi] = log_pi.gather(-1, tokens[lo:hi]).squeeze(-1).double()
+        stats[3, lo:hi] = log_a.gather(-1, tokens[lo:hi]).squeeze(-1).double()
+    per_token = torch.zeros((4, *mask.shape), dtype=torch.float64, device=stats.device)
+    per_token[:, mask] = stats
+    return ExactTokenStats(*per_token.sum(-1))

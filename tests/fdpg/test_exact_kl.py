@@ -24,8 +24,12 @@ def test_exact_token_kl_obeys_the_chain_rule_exactly(enumerable_model_dir: Path,
     trainer = enumerable_trainer(enumerable_model_dir, tmp_path, prompts=(prompt,))
     e = exact_prompt(trainer, prompt)
     model = trainer._unwrapped()
-    kl, entropy = exact_token_kl(model, lambda: trainer.policy.reference(model), e.batch, chunk_rows=7)
+    stats = exact_token_kl(model, lambda: trainer.policy.reference(model), e.batch, chunk_rows=7)
+    kl, entropy = stats.kl, stats.entropy
     log_pi = e.log_pi.detach()
+    # the same pass gives each completion's log-probability under both models
+    torch.testing.assert_close(stats.log_pi, log_pi, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats.log_a, e.log_a, atol=1e-5, rtol=0)
     pi = log_pi.exp()
     assert bool((kl >= 0).all())
     sequence_kl = float((pi * (log_pi - e.log_a)).sum())
