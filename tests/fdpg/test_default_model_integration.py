@@ -22,7 +22,7 @@ def test_three_steps_on_the_default_model(tmp_path) -> None:
     code = main([
         "train", "--task", "sentiment", "--divergence", "rkl", "--beta", "0.1", "--lora_r", "8", "--steps", "3",
         "--batch_size", "8", "--samples_per_prompt", "2", "--max_new_tokens", "12", "--learning_rate", "1e-3",
-        "--output_dir", str(tmp_path / "run"), "--progress", "false", "--save_every", "2",
+        "--output_dir", str(tmp_path / "run"), "--progress", "false", "--save_every", "2", "--eval_samples", "32",
     ])
     assert code == 0
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -39,3 +39,9 @@ def test_three_steps_on_the_default_model(tmp_path) -> None:
     assert lora_b and any(float(t.abs().max()) > 0 for t in lora_b)  # LoRA B starts at 0: the updates moved it
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "finished"
+    # the final evaluation on the real model: policy and base, with standard errors
+    evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert evaluation["n"] == 32 and evaluation["base"]["kl_pi_a"] == 0
+    for side in ("policy", "base"):
+        assert -1.0 <= evaluation[side]["score/reward"] <= 1.0 and evaluation[side]["score/reward_se"] > 0
+    assert evaluation["policy"]["kl_pi_a_exact"] >= 0
