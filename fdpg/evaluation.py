@@ -66,8 +66,8 @@ def sequence_log_probs(model, batch: SampleBatch, micro_batch: int = 16) -> torc
 
 def grouped_jackknife_se(statistic: Callable[[torch.Tensor], float], n: int, groups: int = 32) -> float | None:
     r"""Standard error of ``statistic(index)`` (a function of the samples ``index`` of ``n``) by the grouped
-    jackknife: with the samples cut into :math:`g` groups and :math:`	heta_{-k}` the statistic without group
-    :math:`k`, :math:`SE = \sqrt{rac{g-1}{g}\sum_k(	heta_{-k} - ar	heta)^2}`. Equals the usual
+    jackknife: with the samples cut into :math:`g` groups and :math:`\theta_{-k}` the statistic without group
+    :math:`k`, :math:`SE = \sqrt{\frac{g-1}{g}\sum_k(\theta_{-k} - \bar\theta)^2}`. Equals the usual
     :math:`s/\sqrt n` for a mean when :math:`g = n`; works for fractions, ratios and Distinct-n alike.
     ``None`` for fewer than 2 samples or a statistic that is not finite."""
     g = min(groups, n)
@@ -108,7 +108,7 @@ def evaluate_policy(policy, spec, n: int, max_new_tokens: int, seed: int = 0, di
         part = batch.slice(lo, lo + 16)
         if of_reference:
             with policy.reference() as ref:
-                parts.append(exact_token_kl(ref, lambda ref=ref: nullcontext(ref), part))
+                parts.append(exact_token_kl(ref, None, part))  # a against itself: one pass
         else:
             parts.append(exact_token_kl(policy.model, policy.reference, part))
     exact_kl, exact_entropy, log_a = (torch.cat([getattr(p, k) for p in parts]) for k in ("kl", "entropy", "log_a"))

@@ -201,7 +201,8 @@ def exact_token_kl(model: torch.nn.Module, reference, batch: SampleBatch,
     mean of the first over samples of :math:`\pi` estimates the sequence KL like :math:`\log\pi(x) - \log a(x)`
     does, but each term is non-negative and its variance is far lower (only the prefixes are random). Likewise
     for the entropy. ``reference`` is a context manager yielding the reference model (the policy's
-    :meth:`fdpg.policy.Policy.reference`). Two forward passes (policy and reference, oneDNN linears on the CPU)
+    :meth:`fdpg.policy.Policy.reference`), or ``None`` for ``model``
+    against itself (KL 0, one pass). Two forward passes (policy and reference, oneDNN linears on the CPU)
     that keep only hidden states; the logits of both models exist together for ``chunk_rows`` positions at a time.
     """
     from fdpg.onednn_linears import onednn_linears
@@ -210,14 +211,18 @@ def exact_token_kl(model: torch.nn.Module, reference, batch: SampleBatch,
     tokens = batch.completion_ids[mask].unsqueeze(-1)
     with onednn_linears(model, prepack_rows=None):
         hidden_pi = _completion_hidden(model, batch)[mask]
-    with reference() as ref, onednn_linears(ref, prepack_rows=None):
-        hidden_a = _completion_hidden(ref, batch)[mask]
+    if reference is not None:
+        with reference() as ref, onednn_linears(ref, prepack_rows=None):
+            hidden_a = _completion_hidden(ref, batch)[mask]
     stats = torch.empty(4, hidden_pi.shape[0], dtype=torch.float64, device=hidden_pi.device)
     for lo in range(0, hidden_pi.shape[0], chunk_rows):
         hi = lo + chunk_rows
         log_pi = torch.log_softmax(_head(model)(hidden_pi[lo:hi]).float(), -1)
-        with reference() as ref:  # (the adapter disabled: a LoRA on the head is the policy's only)
-            log_a = torch.log_softmax(_head(ref)(hidden_a[lo:hi]).float(), -1)
+        if reference is None:
+            log_a = log_pi
+        else:
+            with reference() as ref:  # (the adapter disabled: a LoRA on the head is the policy's only)
+                log_a = torch.log_softmax(_head(ref)(hidden_a[lo:hi]).float(), -1)
         pi = log_pi.exp()
         # fp32 terms, float64 sums; a KL is never negative (rounding can make a ~1e-8 one so)
         stats[0, lo:hi] = (pi * (log_pi - log_a)).sum(-1, dtype=torch.float64).clamp(min=0)
