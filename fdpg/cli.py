@@ -4,6 +4,7 @@
 
     fdpg train [--config FILE.yaml] [--task sentiment] [--divergence js] [--beta 0.1] ...
     fdpg train --algo ppo --task sentiment --beta 0.1 ...       the PPO baseline on the same engine
+    fdpg train --algo dpo --preferences PAIRS|task [--divergence js] ...   DPO / f-DPO from preference pairs
     fdpg eval --task sentiment --model RUN_DIR_OR_MODEL [--n 64]   metrics of a model or a run
     fdpg analyze runs/* --out report                               Pareto frontier and plots of runs
     fdpg divergences            list the registered f-divergences
@@ -89,6 +90,8 @@ def build_trainer(config: TrainConfig):
     if config.algo == "ppo":
         # PPO needs a reward, not a fitted target: refused or rebuilt here, before any model is loaded.
         spec.target, spec.fit = reward_target(spec.target, config.reward_feature, config.beta), None
+    elif config.algo == "dpo":
+        pair_reward = pair_reward_feature(spec, config) if config.preferences == "task" and not config.resume else None
     else:
         refuse_infinite_divergence_to_zeros(spec.target, config)
     torch.manual_seed(config.seed)
@@ -97,9 +100,61 @@ def build_trainer(config: TrainConfig):
     policy = Policy.from_pretrained(config.model, lora=lora, trust_remote_code=config.trust_remote_code)
     target, fit_details = fit_target(spec, policy, config.max_new_tokens, config.fit_samples, config.seed,
                                      resume=config.resume)
+    if config.algo == "dpo":
+        return build_dpo_trainer(config, policy, spec, target, fit_details, pair_reward)
     algorithm = PPOTrainer if config.algo == "ppo" else FDPGTrainer
     trainer = algorithm(config, policy, target, spec.scorer, spec.prompts, spec.metrics)
     trainer.run_extras = {"target_fit": fit_details} if fit_details else {}
+    return trainer
+
+
+def pair_reward_feature(spec, config: TrainConfig) -> str:
+    """The task feature that ranks the samples of ``--preferences task`` (refused before any model is loaded when
+    the task has no scalar reward and none is named)."""
+    from fdpg.engine import reward_target
+
+    return reward_target(spec.target, config.reward_feature, config.beta, algo="dpo").energies[0].reward
+
+
+def build_dpo_trainer(config: TrainConfig, policy, spec, target, fit_details, pair_reward: str | None):
+    """DPO's pairs (read back from the run directory on resume, made from the task, or loaded), tokenised and
+    checked, the step count from ``--epochs``, and the trainer."""
+    import dataclasses
+    import math
+
+    import datasets
+
+    from fdpg.dpo import PAIRS_DIR, DPOTrainer
+    from fdpg.preferences import load_preferences, pairs_from_task, split_pairs, tokenize_pairs
+
+    made = None
+    saved = Path(config.resume) / PAIRS_DIR if config.resume else None
+    if saved is not None and saved.is_dir():
+        data, source = datasets.load_from_disk(str(saved)), str(saved)
+    elif config.preferences == "task":
+        print(f"[fdpg] making preference pairs: {config.pair_samples} base-model samples for each of "
+              f"{config.pair_prompts} prompts, ranked by {pair_reward!r}", file=sys.stderr, flush=True)
+        data = made = pairs_from_task(policy, spec, pair_reward, config.pair_prompts, config.pair_samples,
+                                      config.max_new_tokens, config.seed + 2, progress=config.progress)
+        source = "the pairs made from the task"
+        print(f"[fdpg] {len(data)} pairs ({config.pair_prompts - len(data)} prompts dropped for ties)",
+              file=sys.stderr, flush=True)
+    else:
+        data, source = load_preferences(config.preferences), f"--preferences {config.preferences}"
+    limit = config.max_length or policy.max_positions
+    pairs = tokenize_pairs(data, policy.tokenizer, limit, config.truncate_pairs, source)
+    if pairs.truncated:
+        print(f"[fdpg] --truncate_pairs: {pairs.truncated} responses cut to fit {limit} tokens", file=sys.stderr)
+    if config.epochs is not None:
+        n_train = len(split_pairs(len(pairs), config.heldout_fraction, config.seed)[0])
+        steps = max(1, math.ceil(config.epochs * n_train / config.batch_size))
+        if steps != config.steps:
+            print(f"[fdpg] --epochs {config.epochs:g} over {n_train} training pairs: {steps} steps", file=sys.stderr)
+            config = dataclasses.replace(config, steps=steps)
+    trainer = DPOTrainer(config, policy, target, spec.scorer, spec.prompts, spec.metrics, pairs=pairs,
+                         pair_data=made)
+    trainer.run_extras = {"preference_pairs": len(pairs), "truncated_responses": pairs.truncated,
+                          **({"target_fit": fit_details} if fit_details else {})}
     return trainer
 
 

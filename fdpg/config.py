@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 #: The training algorithms of ``--algo``.
-ALGORITHMS = ("fdpg", "ppo")
+ALGORITHMS = ("fdpg", "ppo", "dpo")
 #: PPO's critics (``--critic``).
 CRITICS = ("policy_head", "value_model", "none")
 #: Fields that may differ between a run and its resumption (everything else must match).
 RESUMABLE_CHANGES = frozenset({"steps", "resume", "output_dir", "report_to", "save_every", "log_samples_every",
-                               "progress", "exact_kl_every", "eval_samples"})
+                               "progress", "exact_kl_every", "eval_samples", "eval_every"})
 
 
 @dataclass
@@ -29,7 +29,8 @@ class TrainConfig:
 
     # --- the algorithm
     algo: str = field(default="fdpg", metadata={
-        "help": "fdpg (f-divergence minimisation) or ppo (the RLHF baseline, reverse KL toward a exp(r/beta))."})
+        "help": "fdpg (f-divergence minimisation), ppo (the RLHF baseline, reverse KL toward a exp(r/beta)) or dpo "
+                "(offline preference optimisation from --preferences; f-DPO with --divergence)."})
 
     # --- what to align, toward what
     model: str = field(default="smollm2-135m-instruct", metadata={
@@ -132,6 +133,30 @@ class TrainConfig:
     loss_aggregation: str = field(default="token_mean", metadata={
         "help": "PPO: token_mean, seq_mean_token_sum (a constant normaliser) or seq_mean_token_mean."})
 
+    # --- DPO and f-DPO (--algo dpo; Rafailov et al. 2023, Wang et al. 2023)
+    preferences: str | None = field(default=None, metadata={
+        "help": "DPO: the preference pairs (columns prompt, chosen, rejected): a JSON/JSONL/CSV/Parquet file, a saved "
+                "datasets directory, a hub dataset name, or 'task' (pairs made from the task: best against worst of "
+                "--pair_samples base-model samples for --pair_prompts prompts, saved in the run directory)."})
+    preference_loss: str = field(default="sigmoid", metadata={
+        "help": "DPO: sigmoid (DPO; cDPO with --label_smoothing), ipo, hinge (SLiC) or robust."})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "DPO: probability that a preference label is flipped, in [0, 0.5) (sigmoid and robust losses)."})
+    epochs: float | None = field(default=None, metadata={
+        "help": "DPO: epochs over the training pairs, instead of --steps (steps = ceil(epochs * pairs / batch))."})
+    eval_every: int = field(default=10, metadata={
+        "help": "DPO: every N steps (and at the first and last), sample --batch_size completions of the task's prompts "
+                "and log score/..., kl_pi_a, ... under f-DPG's names, and the held-out pairs' loss and accuracy; "
+                "0: never."})
+    heldout_fraction: float = field(default=0.1, metadata={"help": "DPO: fraction of the pairs held out, in [0, 1)."})
+    pair_prompts: int = field(default=64, metadata={"help": "DPO with --preferences task: prompts to make pairs for."})
+    pair_samples: int = field(default=4, metadata={
+        "help": "DPO with --preferences task: base-model samples per prompt (the best against the worst)."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "DPO: token limit of prompt + response (default: the model's context)."})
+    truncate_pairs: bool = field(default=False, metadata={
+        "help": "DPO: cut responses that do not fit in --max_length (default: refuse them, naming the row)."})
+
     # --- metrics and the final evaluation
     eval_samples: int = field(default=256, metadata={
         "help": "Completions of the final policy (and, cached, of the base model) evaluated when the run finishes, "
@@ -195,6 +220,31 @@ class TrainConfig:
             raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {self.algo!r}")
         if self.algo == "ppo":
             self._validate_ppo()
+        if self.algo == "dpo":
+            self._validate_dpo()
+
+    def _validate_dpo(self) -> None:
+        from objectives import get_divergence
+        from objectives.preference import check_preference_settings, f_dpo_problem
+
+        if not self.preferences:
+            raise ValueError("--algo dpo learns from preference pairs: give --preferences FILE_DIR_OR_HUB_NAME "
+                             "(columns prompt, chosen, rejected) or --preferences task (pairs made from the task)")
+        problem = f_dpo_problem(get_divergence(self.divergence))
+        if problem is not None:
+            raise ValueError(f"--algo dpo --divergence {self.divergence}: f-DPO is not defined for it, since "
+                             f"{problem}; use rkl (DPO), fkl, js or alpha:A")
+        check_preference_settings(self.preference_loss, self.beta, self.label_smoothing)
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"--epochs must be a positive number, got {self.epochs!r}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"--heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
+        for name, low in (("eval_every", 0), ("pair_prompts", 1), ("pair_samples", 2)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"--max_length must be at least 2 tokens, got {self.max_length!r}")
 
     def _validate_ppo(self) -> None:
         from objectives import ReverseKL, get_divergence

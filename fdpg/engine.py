@@ -51,7 +51,7 @@ from fdpg.policy import Policy
 from fdpg.run_log import RunLog
 from fdpg.sampling import SampleBatch, sample_completions
 from fdpg.scores import checked_features
-from objectives import Divergence, LogZEstimator, Target
+from objectives import Divergence, KLRegularisedReward, LogZEstimator, Target
 from objectives.partition import GLOBAL_KEY
 
 #: ``scorer(completions, prompts) -> {feature name: one number per completion}``
@@ -93,6 +93,21 @@ def requested_trackers(report_to: str) -> list[str]:
 def _tracker_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The run's settings as trackers accept them (numbers, strings and booleans; None as a string)."""
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
+
+
+def reward_target(target: Target, reward_feature: str | None, beta: float, algo: str = "ppo") -> Target:
+    r"""The target :math:`a\,e^{r/\beta}` of a reward-maximising algorithm (PPO; DPO's pairs from a task): the
+    task's own when it has that form, else one built on the feature the user named (``--reward_feature``); anything
+    else is refused with the reason."""
+    if reward_feature is not None:
+        return Target((KLRegularisedReward(reward_feature, beta),), True, target.conditional)
+    energies = target.energies
+    if target.include_base and len(energies) == 1 and isinstance(energies[0], KLRegularisedReward):
+        return target
+    raise ValueError(
+        f"--algo {algo} needs a scalar reward, but this task's target is {target.describe()}, not a exp(r/beta) "
+        "(a binary or distributional constraint). Use --algo fdpg (e.g. --divergence fkl, as GDC/DPG do), or name "
+        f"the feature --algo {algo} should use as its reward with --reward_feature NAME (e.g. the 0/1 constraint).")
 
 
 class StopTraining(Exception):
@@ -204,6 +219,10 @@ class OnlineTrainer:
     def train_step(self, step: int) -> dict[str, Any]:
         """Run optimisation step ``step`` (0-based) and return its metrics."""
         raise NotImplementedError
+
+    def prepare_run(self) -> None:
+        """Work done once the run directory exists (created or resumed), before the first step: e.g. DPO's
+        reference log-probabilities of its pairs, computed once and stored there."""
 
     def algorithm_state(self) -> dict[str, Any]:
         """The algorithm's JSON-serialisable state (estimators, controllers) for checkpoints."""
@@ -418,6 +437,8 @@ class OnlineTrainer:
     # ------------------------------------------------------------------ logging and checkpoints
     def _log_samples(self, step: int) -> None:
         columns = self._last_samples
+        if columns is None:  # a step that sampled nothing (DPO between its evaluations)
+            return
         scores = columns["scores"]
         numeric = [k for k in columns if k not in ("completion", "prompt", "scores")]
         records = [
@@ -497,6 +518,7 @@ class OnlineTrainer:
         if self.is_main and cfg.report_to != "none":
             self.accelerator.project_configuration.logging_dir = str(self.run.dir / "trackers")
             self.accelerator.init_trackers("fdpg", config=_tracker_config(cfg.to_dict()))
+        self.prepare_run()
         # Signal handlers can only be installed from the main thread; elsewhere the caller handles signals.
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \

@@ -35,15 +35,23 @@ def _prompts_for(pool: Sequence[str] | None, n: int, seed: int) -> list[str]:
 
 def draw_samples(policy, prompts: Sequence[str] | None, n: int, max_new_tokens: int, seed: int,
                  chunk: int = 16, reference: bool = False, progress: bool = True) -> SampleBatch:
-    """``n`` pure samples of the policy (or of the reference :math:`a` when ``reference``)."""
+    """``n`` pure samples of the policy (or of the reference :math:`a` when ``reference``), prompts drawn from the
+    pool with replacement when it is smaller than ``n``."""
+    return sample_for_prompts(policy, _prompts_for(prompts, n, seed), max_new_tokens, seed, chunk, reference,
+                              progress)
+
+
+def sample_for_prompts(policy, prompts: Sequence[str], max_new_tokens: int, seed: int, chunk: int = 16,
+                       reference: bool = False, progress: bool = True) -> SampleBatch:
+    """One pure sample of the policy (or of the reference :math:`a`) per entry of ``prompts``, in that order,
+    ``chunk`` completions per seeded ``generate`` call."""
     from tqdm.auto import tqdm
 
-    chosen = _prompts_for(prompts, n, seed)
     batches = []
     with policy.reference() if reference else nullcontext(policy.model) as model, torch.no_grad(), \
             onednn_linears(model, prepack_rows=chunk):  # packed once for all chunks (CPU fp32)
-        for lo in tqdm(range(0, n, chunk), desc="sampling", disable=not progress, leave=False):
-            batches.append(sample_completions(model, policy.tokenizer, chosen[lo:lo + chunk], max_new_tokens,
+        for lo in tqdm(range(0, len(prompts), chunk), desc="sampling", disable=not progress, leave=False):
+            batches.append(sample_completions(model, policy.tokenizer, prompts[lo:lo + chunk], max_new_tokens,
                                               seed=seed * 100_003 + lo))
     return SampleBatch.concat(batches, policy.tokenizer.pad_token_id)
 

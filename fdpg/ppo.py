@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from fdpg.critic import ValueHead, ValueModel, hidden_size_of
-from fdpg.engine import OnlineTrainer, seed_for
+from fdpg.engine import OnlineTrainer, reward_target, seed_for  # noqa: F401  (reward_target re-exported)
 from fdpg.log_probs import completion_token_log_probs, token_entropy
 from fdpg.sampling import SampleBatch, eos_token_ids
-from objectives import KLRegularisedReward, ReverseKL, Target
+from objectives import ReverseKL
 from objectives.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -47,20 +47,6 @@ from objectives.rl import (
     masked_whiten,
     place_on_last_token,
 )
-
-
-def reward_target(target: Target, reward_feature: str | None, beta: float) -> Target:
-    r"""PPO's target :math:`a\,e^{r/\beta}`: the task's own when it has that form, else one built on the feature
-    the user named (``--reward_feature``); anything else is refused with the reason."""
-    if reward_feature is not None:
-        return Target((KLRegularisedReward(reward_feature, beta),), True, target.conditional)
-    energies = target.energies
-    if target.include_base and len(energies) == 1 and isinstance(energies[0], KLRegularisedReward):
-        return target
-    raise ValueError(
-        f"--algo ppo maximises a scalar reward, but this task's target is {target.describe()}, not a exp(r/beta) "
-        "(a binary or distributional constraint). Use --algo fdpg (e.g. --divergence fkl, as GDC/DPG do), or name "
-        "the feature PPO should maximise with --reward_feature NAME (e.g. the 0/1 constraint).")
 
 
 class PPOTrainer(OnlineTrainer):

@@ -1,0 +1,241 @@
+r"""DPO and f-DPO: offline preference optimisation (Rafailov et al. 2023; Wang et al. 2023), on the shared engine.
+
+DPO minimises, over preference pairs :math:`(c, y_w, y_l)`, :math:`-\log\sigma\big(\beta(s(y_w) - s(y_l))\big)`
+with :math:`s(y) = f'(\pi_\theta(y\mid c)/\pi_{ref}(y\mid c)) - f'(1)` (:mod:`objectives.preference`): reverse KL
+gives :math:`s = \log\frac{\pi_\theta}{\pi_{ref}}` (DPO), any other divergence of :mod:`objectives` whose
+:math:`f'` is strictly increasing gives f-DPO, from the same object f-DPG uses. On Bradley-Terry preferences
+with reward :math:`r` it is minimised at :math:`\pi\propto\pi_{ref}\,e^{r/\beta}`, the f-DPG reverse-KL target.
+The reference :math:`\pi_{ref}` is the policy's own reference (:math:`a`: the adapter disabled, or the frozen copy).
+
+Once, before the first step (:meth:`DPOTrainer.prepare_run`): the reference's sequence log-probabilities of every
+pair, stored in the run directory (``reference_log_probs.safetensors``; read back on resume), so that training
+runs no reference pass. Then each step:
+
+1. the step's ``batch_size`` training pairs: epoch after epoch of seeded permutations of the training split;
+2. :math:`\log\pi_\theta(y_w\mid c)` and :math:`\log\pi_\theta(y_l\mid c)` in one forward pass per micro-batch
+   (chosen and rejected rows together), the loss averaged over the batch's pairs, backward (micro-batched),
+   clipped optimizer step and scheduler step through ``accelerate``;
+3. logged: ``loss``, the implicit rewards :math:`\beta s(y_w)` and :math:`\beta s(y_l)`
+   (``rewards/chosen``, ``rewards/rejected``), their margin and the fraction of pairs ordered right
+   (``rewards/accuracy``);
+4. every ``eval_every`` steps (and at the first and the last): ``batch_size`` completions of the policy on the
+   task's prompts, scored by the task, with the metrics f-DPG and PPO log under the same names (``score/...``,
+   ``kl_pi_a``, ``kl_pi_a_exact``, ``entropy``, ``distinct_*``) so that a DPO run lands on the same Pareto plot;
+   and the held-out pairs' ``heldout/loss`` and ``heldout/accuracy``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from fdpg.engine import OnlineTrainer, seed_for
+from fdpg.log_probs import completion_token_log_probs
+from fdpg.preferences import TokenizedPairs, split_pairs
+from objectives import get_divergence
+from objectives.preference import f_dpo_problem, implicit_rewards, preference_loss
+
+#: The run directory's file of the reference's log-probabilities of every pair (``[N, 2]``: chosen, rejected).
+REFERENCE_FILE = "reference_log_probs.safetensors"
+#: Where pairs made from the task are saved in the run directory (a ``datasets`` directory, reusable as
+#: ``--preferences RUN/preferences``).
+PAIRS_DIR = "preferences"
+
+
+class DPOTrainer(OnlineTrainer):
+    """DPO / f-DPO on ``pairs``; see the module docstring.
+
+    Args: those of :class:`fdpg.engine.OnlineTrainer` (the task's target, scorer and prompts serve the periodic
+    evaluation), and
+        pairs: the tokenised preference pairs (:func:`fdpg.preferences.tokenize_pairs`).
+        pair_data: the ``datasets.Dataset`` of pairs made from the task, saved into the run directory (``None``
+            for pairs read from elsewhere).
+    """
+
+    algorithm = "DPO"
+
+    def __init__(self, config, policy, target, scorer, prompts=None, metrics_fn=None, accelerator=None, *,
+                 pairs: TokenizedPairs, pair_data=None) -> None:
+        if config.algo != "dpo":
+            raise ValueError(f"DPOTrainer needs --algo dpo, got {config.algo!r}")
+        super().__init__(config, policy, target, scorer, prompts, metrics_fn, accelerator)
+        self.divergence = get_divergence(config.divergence)
+        problem = f_dpo_problem(self.divergence)
+        if problem is not None:
+            raise ValueError(f"f-DPO is not defined for --divergence {config.divergence}: {problem}")
+        self.pairs = pairs
+        self.pair_data = pair_data
+        self.train_index, self.heldout_index = split_pairs(len(pairs), config.heldout_fraction, config.seed)
+        if len(self.train_index) < config.batch_size:
+            raise ValueError(f"{len(self.train_index)} training pairs (of {len(pairs)}, --heldout_fraction "
+                             f"{config.heldout_fraction}) are fewer than --batch_size {config.batch_size}")
+        self.pad_id = policy.tokenizer.pad_token_id
+        #: ``[N, 2]`` float64 reference log-probabilities of (chosen, rejected), set by :meth:`prepare_run`.
+        self.reference_log_probs: torch.Tensor | None = None
+        self._epoch_orders: dict[int, list[int]] = {}
+
+    # ------------------------------------------------------------------ once per run
+    def prepare_run(self) -> None:
+        """The reference's log-probabilities of every pair: read from the run directory, or computed and stored
+        there (with the pairs made from the task, when they were)."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.run_directory() / REFERENCE_FILE
+        if path.is_file():
+            saved = load_file(str(path))["log_probs"]
+            if saved.shape != (len(self.pairs), 2):
+                raise ValueError(f"{path} holds {tuple(saved.shape)} log-probabilities, not ({len(self.pairs)}, 2): "
+                                 "the run's pairs have changed; start a new run")
+            self.reference_log_probs = saved.double()
+            return
+        with self.timed("reference"):
+            self.reference_log_probs = self.reference_pass()
+        if self.is_main:
+            save_file({"log_probs": self.reference_log_probs.contiguous()}, str(path))
+            if self.pair_data is not None and not (self.run_directory() / PAIRS_DIR).exists():
+                self.pair_data.save_to_disk(str(self.run_directory() / PAIRS_DIR))
+        self.accelerator.wait_for_everyone()
+
+    def run_directory(self):
+        from pathlib import Path
+
+        return self.run.dir if self.run is not None else Path(self.config.resume or self.config.output_dir)
+
+    def reference_pass(self) -> torch.Tensor:
+        """``[N, 2]`` :math:`\\log\\pi_{ref}` of every pair's chosen and rejected response (no grad; every process
+        computes all of them, once)."""
+        out = []
+        n = len(self.pairs)
+        step = max(1, self.config.micro_batch_size)
+        for lo in range(0, n, step):
+            index = list(range(lo, min(n, lo + step)))
+            seq = self.token_log_probs(self.pairs.as_batch(index, self.pad_id), reference=True).sum(-1)
+            out.append(torch.stack(seq.chunk(2), dim=1))
+        return torch.cat(out).double()
+
+    # ------------------------------------------------------------------ the step's pairs
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The training pairs in the seeded order of ``epoch``."""
+        if epoch not in self._epoch_orders:
+            rng = np.random.default_rng(seed_for(self.config.seed, epoch, 3))
+            self._epoch_orders[epoch] = [self.train_index[i] for i in rng.permutation(len(self.train_index))]
+        return self._epoch_orders[epoch]
+
+    def step_pairs(self, step: int) -> list[int]:
+        """The global batch of pair indices of ``step``: positions ``step * B .. (step + 1) * B`` of the epochs'
+        orders laid end to end."""
+        n, b = len(self.train_index), self.config.batch_size
+        return [self.epoch_order(i // n)[i % n] for i in range(step * b, (step + 1) * b)]
+
+    # ------------------------------------------------------------------ the loss
+    def pair_losses(self, index: Sequence[int], grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pair loss, and the log-ratios :math:`\\log\\frac{\\pi_\\theta}{\\pi_{ref}}` of the chosen and rejected
+        responses, from one forward pass of ``self.model`` over both (graph kept when ``grad``)."""
+        cfg = self.config
+        batch = self.pairs.as_batch(index, self.pad_id)
+        with (nullcontext() if grad else torch.no_grad()), self.accelerator.autocast():
+            log_pi = completion_token_log_probs(self.model, batch).sum(-1).double()
+        ref = self.reference_log_probs[torch.as_tensor(list(index))].to(log_pi.device)
+        chosen, rejected = log_pi.chunk(2)
+        lengths_w, lengths_l = batch.completion_mask.sum(-1).chunk(2)
+        log_ratio_w, log_ratio_l = chosen - ref[:, 0], rejected - ref[:, 1]
+        losses = preference_loss(log_ratio_w, log_ratio_l, self.divergence, cfg.beta, cfg.preference_loss,
+                                 cfg.label_smoothing, lengths_w.to(log_pi.device), lengths_l.to(log_pi.device))
+        return losses, log_ratio_w, log_ratio_l
+
+    def pair_metrics(self, losses: torch.Tensor, log_ratio_w: torch.Tensor, log_ratio_l: torch.Tensor,
+                     prefix: str = "") -> dict[str, float]:
+        """Loss, implicit rewards, margin and accuracy of the (gathered) pairs."""
+        beta = self.config.beta
+        r_w, r_l = implicit_rewards(log_ratio_w, self.divergence, beta), implicit_rewards(log_ratio_l, self.divergence,
+                                                                                            beta)
+        if prefix:
+            return {f"{prefix}loss": float(losses.mean()), f"{prefix}accuracy": float((r_w > r_l).double().mean())}
+        return {"loss": float(losses.mean()), "rewards/chosen": float(r_w.mean()),
+                "rewards/rejected": float(r_l.mean()), "rewards/margins": float((r_w - r_l).mean()),
+                "rewards/accuracy": float((r_w > r_l).double().mean()),
+                "log_ratio/chosen": float(log_ratio_w.mean()), "log_ratio/rejected": float(log_ratio_l.mean())}
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Run optimisation step ``step`` (0-based) and return its metrics."""
+        cfg, acc = self.config, self.accelerator
+        started = self.begin_step()
+        self._last_samples, self._tokens_this_step = None, 0
+        metrics: dict[str, Any] = {"step": step + 1}
+        if self._evaluates(step):  # before the update: the samples are of the policy the step starts from
+            metrics.update(self.evaluate(step))
+
+        index = self.step_pairs(step)[self.local_slice()]
+        parts: list[tuple[torch.Tensor, ...]] = []
+        tokens = 0
+        with self.timed("backward"):
+            n_micro = math.ceil(len(index) / cfg.micro_batch_size)
+            for i in range(n_micro):
+                micro = index[i * cfg.micro_batch_size:(i + 1) * cfg.micro_batch_size]
+                sync = nullcontext() if i == n_micro - 1 else acc.no_sync(self.model)
+                with sync:
+                    losses, log_ratio_w, log_ratio_l = self.pair_losses(micro, grad=True)
+                    acc.backward(losses.sum() / self.local_batch)
+                parts.append((losses.detach(), log_ratio_w.detach(), log_ratio_l.detach()))
+                tokens += sum(len(self.pairs.chosen_ids[j]) + len(self.pairs.rejected_ids[j]) for j in micro)
+
+        with self.timed("optimizer"):
+            lr = self.scheduler.get_last_lr()[0]
+            grad_norm = self.optimizer_step()
+            self.scheduler.step()
+
+        gathered = [self.gather(torch.cat(column).cpu()) for column in zip(*parts)]
+        metrics.update(self.pair_metrics(*gathered))
+        metrics.update({"lr": lr, "grad_norm": grad_norm, "epoch": (step + 1) * cfg.batch_size / len(self.train_index)})
+        self._tokens_this_step += int(self.gather(torch.tensor([tokens])).sum())
+        return self.finish_metrics(metrics, started)
+
+    def _evaluates(self, step: int) -> bool:
+        every = self.config.eval_every
+        return bool(every) and (step % every == 0 or step == self.config.steps - 1)
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """The policy's samples on the task's prompts, with the metrics every algorithm logs (the "pseudo-reward"
+        columns hold the implicit reward :math:`\\beta s` of the samples), and the held-out pairs' loss and
+        accuracy."""
+        batch, features, token_log_a = self.rollout(step)
+        with self.timed("bookkeeping"):
+            log_a, log_pi = token_log_a.sum(-1), batch.log_pi.double()
+            log_P = self.target.log_P(log_a, features)
+            g_keys = self.gather_list(self.prompt_keys(batch.prompts))
+            g_log_P, g_log_pi, g_log_a = (self.gather(x) for x in (log_P, log_pi, log_a))
+            g_features = {k: self.gather(v) for k, v in features.items()}
+            g_log_p = self.update_log_z(g_log_P, g_log_pi, g_keys)
+            g_implicit = implicit_rewards(g_log_pi - g_log_a, self.divergence, self.config.beta)
+            metrics = self.shared_metrics(step, batch, self.divergence, g_features, g_log_pi, g_log_pi, g_log_a,
+                                          g_log_p, g_implicit)
+        metrics.pop("step", None)
+        if self.heldout_index:
+            with self.timed("heldout"):
+                metrics.update(self.heldout_metrics())
+        return metrics
+
+    def heldout_metrics(self) -> dict[str, float]:
+        """``heldout/loss`` and ``heldout/accuracy`` over every held-out pair (each process a share, gathered)."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        mine = self.heldout_index[rank::world]
+        parts = []
+        size = self.config.micro_batch_size
+        for lo in range(0, len(mine), size):
+            parts.append(self.pair_losses(mine[lo:lo + size], grad=False))
+        columns = [torch.cat(c).cpu() for c in zip(*parts)] if parts else [torch.zeros(0, dtype=torch.float64)] * 3
+        if world > 1:
+            columns = [torch.cat(self.gather_list([c])) for c in columns]
+        return self.pair_metrics(*columns, prefix="heldout/")
+
+    def algorithm_state(self) -> dict[str, Any]:
+        return {"log_z": self.log_z.state_dict()}
+
+    def load_algorithm_state(self, state: Mapping[str, Any]) -> None:
+        self.log_z.load_state_dict(state["log_z"])

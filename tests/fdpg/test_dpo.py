@@ -1,0 +1,311 @@
+r"""DPO on the shared engine: its gradient, its run directory, resume, and bad input.
+
+1. The gradient the real :class:`fdpg.dpo.DPOTrainer` applies equals autograd of the mean f-DPO loss computed here
+   independently (each pair's full sequence through the model alone, no padding, the reference at the initial
+   weights), for DPO and f-DPO (JS), several micro-batches.
+2. A short run on the tiny model learns its pairs (training accuracy and margins rise), logs f-DPG's shared metric
+   names at its evaluation steps, held-out loss and accuracy, and runs no reference pass after the first one.
+3. Interrupted and resumed, it reproduces the uninterrupted run; the reference log-probs are read back, not redone.
+4. Pairs from a task: the best against the worst of k samples, ties dropped, saved as a reusable dataset.
+5. Bad input fails before any training, naming the row and the column.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fdpg_testing import PROMPTS, assert_same_metrics, read_jsonl, toy_scorer
+
+from fdpg.config import TrainConfig
+from fdpg.preferences import (
+    PreferenceDataError,
+    check_preferences,
+    load_preferences,
+    pairs_from_task,
+    tokenize_pairs,
+)
+from objectives import get_divergence, rl_with_kl
+from objectives.preference import preference_loss
+
+CHOSEN = ["aeiou aeiou", "a e i o u", "aaaa eeee", "oui oui", "ea ea ea", "iou aei"]
+REJECTED = ["xyz xyz", "zzz kkk", "qrst", "bcd fgh", "pp qq rr", "nm nm nm"]
+
+
+def toy_rows(n: int = 12) -> dict[str, list[str]]:
+    return {"prompt": [PROMPTS[i % len(PROMPTS)] for i in range(n)],
+            "chosen": [CHOSEN[i % len(CHOSEN)] + " " + str(i) for i in range(n)],
+            "rejected": [REJECTED[i % len(REJECTED)] + " " + str(i) for i in range(n)]}
+
+
+def dpo_config(model_dir, output_dir, **overrides) -> TrainConfig:
+    settings = dict(algo="dpo", preferences="unused", model=str(model_dir), task="toy", beta=0.5, steps=4,
+                    batch_size=4, samples_per_prompt=2, generation_batch_size=4, micro_batch_size=2,
+                    max_new_tokens=6, learning_rate=1e-2, seed=0, output_dir=str(output_dir), save_every=10,
+                    progress=False, eval_samples=0, eval_every=2, exact_kl_every=0, heldout_fraction=0.25)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def dpo_trainer(model_dir, output_dir, rows=None, **overrides):
+    import datasets
+
+    from fdpg.dpo import DPOTrainer
+    from fdpg.policy import Policy
+
+    config = dpo_config(model_dir, output_dir, **overrides)
+    torch.manual_seed(config.seed)
+    policy = Policy.from_pretrained(config.model)
+    data = datasets.Dataset.from_dict(rows or toy_rows())
+    pairs = tokenize_pairs(data, policy.tokenizer, policy.max_positions)
+    return DPOTrainer(config, policy, rl_with_kl("reward", config.beta), toy_scorer, PROMPTS, pairs=pairs)
+
+
+def sequence_log_prob(model, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
+    """log pi(response | prompt) from one unpadded forward pass (the independent route)."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].double()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response_ids)[:, None]).sum()
+
+
+@pytest.mark.parametrize("divergence", ["rkl", "js"])
+def test_trainer_gradient_is_the_gradient_of_the_f_dpo_loss(tiny_model_dir, tmp_path, divergence):
+    trainer = dpo_trainer(tiny_model_dir, tmp_path / "run", divergence=divergence, micro_batch_size=3,
+                          batch_size=6, heldout_fraction=0.0, eval_every=0)
+    trainer.reference_log_probs = trainer.reference_pass()
+    model = trainer.model
+    params = dict(trainer._trainable())
+    initial = {k: p.detach().clone() for k, p in params.items()}
+    # independent: the reference is the model at its initial weights (full fine-tuning: a frozen copy)
+    pairs, index = trainer.pairs, trainer.step_pairs(0)
+    with torch.no_grad():
+        ref = [(sequence_log_prob(model, pairs.prompt_ids[i], pairs.chosen_ids[i]),
+                sequence_log_prob(model, pairs.prompt_ids[i], pairs.rejected_ids[i])) for i in index]
+    torch.testing.assert_close(trainer.reference_log_probs[index], torch.tensor(ref, dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    # the step's gradient, caught before the optimizer uses it
+    caught = {}
+
+    def catch() -> None:
+        caught.update({k: p.grad.detach().clone() for k, p in params.items()})
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    trainer.optimizer_step = catch
+    trainer.train_step(0)
+    for k, p in params.items():  # nothing moved
+        assert torch.equal(p.detach(), initial[k])
+    lw = torch.stack([sequence_log_prob(model, pairs.prompt_ids[i], pairs.chosen_ids[i]) for i in index])
+    ll = torch.stack([sequence_log_prob(model, pairs.prompt_ids[i], pairs.rejected_ids[i]) for i in index])
+    ref_t = torch.tensor(ref, dtype=torch.float64)
+    loss = preference_loss(lw - ref_t[:, 0], ll - ref_t[:, 1], get_divergence(divergence), 0.5).mean()
+    want = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    got = torch.cat([caught[k].flatten() for k in params])
+    want = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(want, params.values())])
+    assert want.norm() > 0
+    torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=1e-4)
+
+
+def test_a_short_run_learns_its_pairs_and_logs_shared_metrics(tiny_model_dir, tmp_path):
+    trainer = dpo_trainer(tiny_model_dir, tmp_path / "run", steps=8)
+    calls = []
+    original = trainer.policy.reference
+
+    def counted(*args, **kwargs):
+        calls.append(trainer.step)
+        return original(*args, **kwargs)
+
+    trainer.policy.reference = counted
+    summary = trainer.train()
+    assert summary["status"] == "finished"
+    run = trainer.run_dir
+    assert (run / "reference_log_probs.safetensors").is_file()
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    first, last = rows[0], rows[-1]
+    assert last["rewards/accuracy"] == 1.0 and first["rewards/margins"] < last["rewards/margins"]
+    assert last["loss"] < first["loss"]
+    evaluated = [r["step"] for r in rows if "kl_pi_a" in r]
+    assert evaluated == [1, 3, 5, 7, 8]  # every eval_every=2 steps from the first, and the last
+    for r in rows:
+        if "kl_pi_a" in r:
+            for key in ("score/reward", "kl_pi_a", "entropy", "distinct_2", "heldout/loss", "heldout/accuracy"):
+                assert key in r, key
+    # reference passes: the pairs' (before step 0) and those of the evaluations' samples only
+    assert len([s for s in calls if s == 0]) >= 1
+    training_refs = len(calls) - len([s for s in calls if s == 0])
+    assert training_refs == len(evaluated) - 1  # one reference pass per evaluation after the first
+    samples = read_jsonl(run / "samples.jsonl")
+    assert sorted({s["step"] for s in samples}) == evaluated
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["algo"] == "dpo"
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    full = dpo_trainer(tiny_model_dir, tmp_path / "full", steps=6, save_every=3)
+    full.train()
+    part = dpo_trainer(tiny_model_dir, tmp_path / "part", steps=3, save_every=3)
+    part.train()
+    reference_file = part.run_dir / "reference_log_probs.safetensors"
+    stamp = reference_file.stat().st_mtime_ns
+    resumed = dpo_trainer(tiny_model_dir, tmp_path / "ignored", steps=6, save_every=3, resume=str(part.run_dir))
+    resumed.reference_pass = lambda: pytest.fail("the reference log-probs are recomputed on resume")
+    resumed.train()
+    assert reference_file.stat().st_mtime_ns == stamp
+    want, got = read_jsonl(full.run_dir / "metrics.jsonl"), read_jsonl(part.run_dir / "metrics.jsonl")
+    assert len(got) == 6
+    for a, b in zip(got, want):
+        assert_same_metrics({k: v for k, v in a.items() if not k.startswith(("time/", "tokens_per_s"))},
+                            {k: v for k, v in b.items() if not k.startswith(("time/", "tokens_per_s"))})
+
+
+def test_pairs_from_a_task_are_best_against_worst_without_ties(tiny_model_dir, tmp_path):
+    from fdpg.policy import Policy
+    from tasks import TaskSpec
+
+    policy = Policy.from_pretrained(str(tiny_model_dir))
+    spec = TaskSpec(prompts=PROMPTS, scorer=toy_scorer, target=rl_with_kl("reward", 0.5), metrics=None)
+    data = pairs_from_task(policy, spec, "reward", n_prompts=4, k=4, max_new_tokens=6, seed=0, progress=False)
+    assert 1 <= len(data) <= 4
+    for row in data:
+        assert row["chosen_score"] > row["rejected_score"]
+        assert row["chosen"] != row["rejected"]
+        assert toy_scorer([row["chosen"]], [""])["reward"][0] == pytest.approx(row["chosen_score"])
+    check_preferences(data)
+    data.save_to_disk(str(tmp_path / "pairs"))
+    reloaded = load_preferences(str(tmp_path / "pairs"))
+    assert reloaded["chosen_token_ids"] == data["chosen_token_ids"]
+    pairs = tokenize_pairs(reloaded, policy.tokenizer, None)
+    assert pairs.chosen_ids == [list(r) for r in data["chosen_token_ids"]]  # the sampled ids, not re-tokenised
+    flat = TaskSpec(prompts=PROMPTS, scorer=lambda c, p: {"reward": [0.5] * len(c)},
+                    target=rl_with_kl("reward", 0.5), metrics=None)
+    with pytest.raises(ValueError, match="tied"):
+        pairs_from_task(policy, flat, "reward", n_prompts=2, k=3, max_new_tokens=4, seed=0, progress=False)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_preference_data_is_refused_naming_the_row_and_column(tmp_path, tiny_tokenizer):
+    good = {"prompt": "p", "chosen": "aa", "rejected": "bb"}
+    with pytest.raises(PreferenceDataError, match=r"missing column\(s\) \['rejected'\].*found are \['prompt', 'ch"):
+        load_preferences(str(write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "chosen": "x"}])))
+    with pytest.raises(PreferenceDataError, match=r"row 1, column 'chosen' is empty"):
+        load_preferences(str(write_jsonl(tmp_path / "b.jsonl", [good, {**good, "chosen": "  "}])))
+    with pytest.raises(PreferenceDataError, match=r"row 0: 'chosen' and 'rejected' are the same"):
+        load_preferences(str(write_jsonl(tmp_path / "c.jsonl", [{**good, "rejected": "aa"}])))
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "chosen": \n')
+    with pytest.raises(PreferenceDataError, match="could not be read"):
+        load_preferences(str(tmp_path / "d.jsonl"))
+    (tmp_path / "e.txt").write_text("x")
+    with pytest.raises(PreferenceDataError, match="unknown file type"):
+        load_preferences(str(tmp_path / "e.txt"))
+    csv = tmp_path / "f.csv"
+    csv.write_text("prompt,chosen,rejected\nhi,aa,bb\n")
+    assert len(load_preferences(str(csv))) == 1
+    data = load_preferences(str(write_jsonl(tmp_path / "g.jsonl", [good, {**good, "chosen": "a" * 200}])))
+    with pytest.raises(PreferenceDataError, match=r"row 1, column 'chosen'.*exceed the 50-token limit.*--truncate"):
+        tokenize_pairs(data, tiny_tokenizer, 50)
+    cut = tokenize_pairs(data, tiny_tokenizer, 50, truncate=True)
+    assert cut.truncated == 1 and len(cut.prompt_ids[1]) + len(cut.chosen_ids[1]) == 50
+    assert cut.chosen_ids[0][-1] == tiny_tokenizer.eos_token_id  # a text response ends with EOS
+
+
+def test_chat_rows_go_through_the_chat_template(tiny_tokenizer):
+    import copy
+
+    import datasets
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    rows = {"prompt": [[{"role": "user", "content": "hi"}]],
+            "chosen": [[{"role": "assistant", "content": "aa"}]],
+            "rejected": [[{"role": "assistant", "content": "bb"}]]}
+    data = datasets.Dataset.from_dict(rows)
+    with pytest.raises(PreferenceDataError, match="chat template"):
+        tokenize_pairs(data, tok, None)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    pairs = tokenize_pairs(data, tok, None)
+    assert pairs.prompts == ["<user>hi\n<assistant>"] and pairs.chosen == ["aa\n"] and pairs.rejected == ["bb\n"]
+
+
+def test_bad_settings_fail_before_any_model_is_loaded(tmp_path):
+    base = dict(algo="dpo", output_dir=str(tmp_path), eval_samples=0)
+    with pytest.raises(ValueError, match="--preferences"):
+        TrainConfig(**base)
+    with pytest.raises(ValueError, match="f-DPO is not defined.*strictly increasing"):
+        TrainConfig(**base, preferences="task", divergence="tv")
+    with pytest.raises(ValueError, match="--preference_loss must be one of"):
+        TrainConfig(**base, preferences="task", preference_loss="kto")
+    with pytest.raises(ValueError, match="--pair_samples must be an integer >= 2"):
+        TrainConfig(**base, preferences="task", pair_samples=1)
+    with pytest.raises(ValueError, match="--algo must be one of fdpg, ppo, dpo"):
+        TrainConfig(algo="grpo")
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    from fdpg.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+SMALL = ["--batch_size", "4", "--samples_per_prompt", "2", "--max_new_tokens", "6", "--micro_batch_size", "4",
+         "--progress", "false", "--eval_samples", "0", "--exact_kl_every", "0"]
+
+
+@pytest.fixture
+def vowels_task():
+    """A task whose reward (the vowel fraction) varies over the tiny model's random text, registered for the test."""
+    import tasks
+    from tasks import Task, TaskSpec, register_task
+
+    class VowelsTask(Task):
+        name = "vowels-test"
+        description = "P = a exp(r / beta), r = fraction of vowels (tests only)"
+
+        def build(self, beta, options, prompts=None):
+            return TaskSpec(prompts=list(prompts or PROMPTS), scorer=toy_scorer, target=rl_with_kl("reward", beta),
+                            metrics=lambda features: {"score/reward": float(features["reward"].mean())})
+
+    register_task(VowelsTask)
+    yield VowelsTask.name
+    tasks._TASKS.pop(VowelsTask.name)
+
+
+def test_cli_dpo_from_task_pairs_with_lora_and_epochs(tiny_model_dir, tmp_path, capsys, vowels_task):
+    code, out, err = run_cli(["train", "--algo", "dpo", "--preferences", "task", "--model", str(tiny_model_dir),
+                              "--task", vowels_task, "--divergence", "js", "--lora_r", "4", "--pair_prompts", "10",
+                              "--pair_samples", "3", "--epochs", "1", "--heldout_fraction", "0.2",
+                              "--eval_every", "1", "--output_dir", str(tmp_path / "run"), *SMALL], capsys)
+    assert code == 0, err
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())["config"]
+    n_pairs = config["preference_pairs"]
+    assert "pairs" in err and 1 <= n_pairs <= 10
+    n_train = n_pairs - max(1, round(0.2 * n_pairs)) if n_pairs > 1 else n_pairs
+    assert config["steps"] == -(-n_train // 4)  # --epochs 1 -> ceil(n_train / batch) steps
+    assert (run / "preferences").is_dir() and len(load_preferences(str(run / "preferences"))) == n_pairs
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert all("score/reward" in r and "kl_pi_a" in r and "rewards/accuracy" in r for r in rows)
+
+
+def test_cli_dpo_from_a_file_resumes_with_the_same_pairs(tiny_model_dir, tmp_path, capsys):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [dict(zip(toy_rows(), r)) for r in zip(*toy_rows().values())])
+    common = ["train", "--algo", "dpo", "--preferences", str(pairs), "--model", str(tiny_model_dir), "--task",
+              "sentiment", "--eval_every", "0", "--save_every", "1", *SMALL]
+    code, _, err = run_cli([*common, "--steps", "2", "--output_dir", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    code, _, err = run_cli([*common, "--steps", "3", "--resume", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+    code, _, err = run_cli([*common, "--steps", "1", "--preferences", str(tmp_path / "missing.jsonl"),
+                            "--output_dir", str(tmp_path / "other")], capsys)
+    assert code == 2 and "missing.jsonl" in err
