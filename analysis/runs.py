@@ -21,14 +21,17 @@ SETTING_COLUMNS = ("task", "algo", "divergence", "method", "beta", "model", "lor
 NOT_A_SETTING = frozenset({"seed", "output_dir", "resume", "report_to", "save_every", "log_samples_every", "progress",
                            "exact_kl_every"})
 #: How ``method`` names the algorithms of ``algo`` (f-DPG is labelled with its divergence).
-ALGORITHM_LABELS = {"fdpg": "f-DPG", "ppo": "PPO"}
+ALGORITHM_LABELS = {"fdpg": "f-DPG", "ppo": "PPO", "dpo": "DPO"}
 
 
 def method_label(config: dict) -> str:
-    """``f-DPG <divergence>`` for f-DPG runs (and runs made before ``algo`` existed), else the algorithm's name."""
+    """``f-DPG <divergence>`` for f-DPG runs (and runs made before ``algo`` existed), ``DPO`` for DPO with reverse KL
+    and ``f-DPO <divergence>`` with another, else the algorithm's name."""
     algo = config.get("algo") or "fdpg"
     if algo == "fdpg":
         return f"f-DPG {config.get('divergence')}"
+    if algo == "dpo" and config.get("divergence", "rkl") not in ("rkl", "alpha:1"):
+        return f"f-DPO {config.get('divergence')}"
     return ALGORITHM_LABELS.get(algo, algo)
 
 

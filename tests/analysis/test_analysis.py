@@ -96,8 +96,17 @@ def test_runs_of_every_algorithm_share_one_frontier(tmp_path) -> None:
     for step, (reward, kl) in enumerate(zip([0.2, 0.5], [0.05, 0.4]), start=1):
         ppo.metrics.write({"step": step, "score/reward": reward, "kl_pi_a": kl, "ppo/clip_fraction": 0.1})
     ppo.close()
-    points = final_points(load_runs(tmp_path), last=1).set_index("run")
+    for name, divergence in (("dpo", "rkl"), ("fdpo-js", "js")):  # DPO logs kl_pi_a only at its evaluations
+        dpo = RunLog.create(tmp_path / name, {"task": "sentiment", "algo": "dpo", "divergence": divergence,
+                                              "beta": 0.1, "seed": 0})
+        dpo.metrics.write({"step": 1, "score/reward": 0.3, "kl_pi_a": 0.2, "loss": 0.6})
+        dpo.metrics.write({"step": 2, "loss": 0.5})
+        dpo.close()
+    points = final_points(load_runs(tmp_path), last=2).set_index("run")
     assert points.loc["fdpg-rkl", "method"] == "f-DPG rkl" and points.loc["ppo", "method"] == "PPO"
+    assert points.loc["dpo", "method"] == "DPO" and points.loc["fdpo-js", "method"] == "f-DPO js"
+    assert points.loc["dpo", "kl_pi_a"] == pytest.approx(0.2)  # the steps without it are skipped, not zeros
+    points = final_points(load_runs(tmp_path), last=1).set_index("run")
     assert points.loc["fdpg-rkl", "algo"] == "fdpg"  # a run made before --algo existed is f-DPG
     assert points.loc["ppo", "kl_pi_a"] == pytest.approx(0.4)
     assert points.loc["ppo", "score/reward"] == pytest.approx(0.5)
