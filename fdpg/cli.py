@@ -87,6 +87,11 @@ def build_trainer(config: TrainConfig):
     task = get_task(config.task)
     prompts = read_prompts_file(config.prompts_file) if config.prompts_file else None
     spec = task.build(config.beta, config.task_options(), prompts)
+    if config.token_credit and spec.fine_grained is None:
+        raise ValueError(f"--token_credit weights each token by its reward-to-go, which needs per-token rewards: task "
+                         f"{config.task!r} has one score per completion (try --task toxicity --task_args "
+                         "granularity=sentence, or --task fine_grained)")
+    pair_reward = None
     if config.algo == "ppo":
         # PPO needs a reward, not a fitted target: refused or rebuilt here, before any model is loaded.
         spec.target, spec.fit = reward_target(spec.target, config.reward_feature, config.beta), None
@@ -103,7 +108,8 @@ def build_trainer(config: TrainConfig):
     if config.algo == "dpo":
         return build_dpo_trainer(config, policy, spec, target, fit_details, pair_reward)
     algorithm = PPOTrainer if config.algo == "ppo" else FDPGTrainer
-    trainer = algorithm(config, policy, target, spec.scorer, spec.prompts, spec.metrics)
+    trainer = algorithm(config, policy, target, spec.scorer, spec.prompts, spec.metrics,
+                        fine_grained=spec.fine_grained, fine_grained_feature=spec.fine_grained_feature)
     trainer.run_extras = {"target_fit": fit_details} if fit_details else {}
     return trainer
 

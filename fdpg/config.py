@@ -83,6 +83,11 @@ class TrainConfig:
     max_log_ratio: float | None = field(default=None, metadata={
         "help": "Clip log(pi/p) at this value (only for p = 0 under rkl/chi2; biased)."})
 
+    token_credit: bool = field(default=False, metadata={
+        "help": "f-DPG with reverse KL on a task with a fine-grained reward: weight each token by its reward-to-go "
+                "(the segment rewards and log pi/a at or after it) instead of the sequence's pseudo-reward; the same "
+                "expected gradient, lower variance (needs causal components and on-policy samples)."})
+
     # --- off-policy (DPG)
     off_policy: bool = field(default=False, metadata={
         "help": "Sample from a frozen proposal q, refreshed when pi is closer to the target."})
@@ -218,10 +223,27 @@ class TrainConfig:
             raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
         if self.algo not in ALGORITHMS:
             raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {self.algo!r}")
+        if self.token_credit:
+            self._validate_token_credit()
         if self.algo == "ppo":
             self._validate_ppo()
         if self.algo == "dpo":
             self._validate_dpo()
+
+    def _validate_token_credit(self) -> None:
+        from objectives import ReverseKL, get_divergence
+
+        if self.algo != "fdpg":
+            raise ValueError(f"--token_credit is f-DPG's reward-to-go; --algo {self.algo} places fine-grained rewards "
+                             "itself (PPO takes them per token): drop --token_credit")
+        if not isinstance(get_divergence(self.divergence), ReverseKL):
+            raise ValueError(f"--token_credit splits the reverse-KL pseudo-reward over tokens; --divergence "
+                             f"{self.divergence} has no such split: use --divergence rkl or drop --token_credit")
+        if self.proposal_differs:
+            raise ValueError("--token_credit needs on-policy samples (no --temperature, --top_p or --off_policy)")
+        if self.baseline == "moving_average":
+            raise ValueError("--token_credit uses a per-position batch baseline: choose --baseline prompt_loo, loo, "
+                             "mean, prompt_mean or none")
 
     def _validate_dpo(self) -> None:
         from objectives import get_divergence

@@ -60,10 +60,10 @@ class DPOTrainer(OnlineTrainer):
     algorithm = "DPO"
 
     def __init__(self, config, policy, target, scorer, prompts=None, metrics_fn=None, accelerator=None, *,
-                 pairs: TokenizedPairs, pair_data=None) -> None:
+                 pairs: TokenizedPairs, pair_data=None, **engine_options) -> None:
         if config.algo != "dpo":
             raise ValueError(f"DPOTrainer needs --algo dpo, got {config.algo!r}")
-        super().__init__(config, policy, target, scorer, prompts, metrics_fn, accelerator)
+        super().__init__(config, policy, target, scorer, prompts, metrics_fn, accelerator, **engine_options)
         self.divergence = get_divergence(config.divergence)
         problem = f_dpo_problem(self.divergence)
         if problem is not None:

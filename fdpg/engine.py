@@ -135,6 +135,9 @@ class OnlineTrainer:
         prompts: the prompt pool (``None`` or empty: unconditional generation from BOS).
         metrics_fn: the task's alignment metrics (default: the mean of every feature).
         accelerator: an ``accelerate.Accelerator`` (default: one built from the config).
+        fine_grained: the task's :class:`objectives.fine_grained.FineGrainedReward` (``None``: one score per
+            completion); :meth:`score` then also places its segment rewards on the generated tokens
+            (:attr:`dense_rewards`), whose row sums must equal the feature ``fine_grained_feature``.
     """
 
     #: Shown on the progress bar.
@@ -149,8 +152,14 @@ class OnlineTrainer:
         prompts: Sequence[str] | None = None,
         metrics_fn: MetricsFn | None = None,
         accelerator: Accelerator | None = None,
+        fine_grained: Any = None,
+        fine_grained_feature: str = "reward",
     ) -> None:
         self.config = config
+        self.fine_grained = fine_grained
+        self.fine_grained_feature = fine_grained_feature
+        #: ``[B, T]`` float64 per-token rewards of the last :meth:`score` (``None`` without a fine-grained reward).
+        self.dense_rewards: torch.Tensor | None = None
         self.target = target
         self.scorer = scorer
         self.prompts = list(prompts) if prompts else [""]
@@ -370,12 +379,40 @@ class OnlineTrainer:
         return self.token_log_probs(batch, reference).sum(-1)
 
     def score(self, batch: SampleBatch) -> dict[str, torch.Tensor]:
-        return checked_features(self.target, self.scorer(list(batch.texts), list(batch.prompts)), len(batch))
+        """The task's features of the batch; with a fine-grained reward also its per-token rewards
+        (:attr:`dense_rewards`)."""
+        features = checked_features(self.target, self.scorer(list(batch.texts), list(batch.prompts)), len(batch))
+        self.dense_rewards = None if self.fine_grained is None else self.token_rewards(batch, features)
+        return features
 
+    def token_rewards(self, batch: SampleBatch, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, T]`` the fine-grained reward's segment rewards on the tokens that complete each segment, aligned
+        from the generated ids (:mod:`objectives.fine_grained`); their row sums are checked against the feature."""
+        from objectives import ScoreError
+
+        tokenizer = self.policy.tokenizer
+        result = self.fine_grained(list(batch.texts), batch.completion_ids.cpu(),
+                                   lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                                   mask=batch.completion_mask.cpu())
+        feature = self.fine_grained_feature
+        total = features[feature].double().cpu()
+        if not torch.allclose(result.dense.sum(-1), total, atol=1e-6, rtol=1e-9):
+            worst = int((result.dense.sum(-1) - total).abs().argmax())
+            raise ScoreError(f"the fine-grained reward's per-token rewards of completion {worst} sum to "
+                             f"{float(result.dense[worst].sum()):.6g}, but the scorer's {feature!r} is "
+                             f"{float(total[worst]):.6g}: the scorer must return FineGrainedReward.totals(texts)")
+        return result.dense
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
             return t
         return self.accelerator.gather(t.to(self.accelerator.device).contiguous()).cpu()
+
+    def gather_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """A ``[B, T]`` per-token tensor of every process (padded with zeros to the widest before gathering)."""
+        if self.accelerator.num_processes == 1:
+            return t
+        padded = self.accelerator.pad_across_processes(t.to(self.accelerator.device).contiguous(), dim=1)
+        return self.accelerator.gather(padded).cpu()
 
     def gather_list(self, items: list) -> list:
         return items if self.accelerator.num_processes == 1 else gather_object(items)

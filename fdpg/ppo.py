@@ -9,7 +9,8 @@ reference pass, run directory, checkpoints and metric names as f-DPG. It maximis
 2. score them with the task (the reward feature :math:`r`), and :math:`\log a(y_t\mid s_t)` from the reference;
 3. the critic's values :math:`V_{old}(s_t)` in one no-grad pass (a value head on the policy's backbone by default);
 4. per-token rewards: :math:`r` on each completion's last real token (after the optional EOS penalty, running
-   normalisation and clipping) minus :math:`\beta\,\widehat{KL}_t` (k1, k2 or k3; or the KL in the loss instead);
+   normalisation and clipping), or the task's fine-grained segment rewards on the tokens that end the segments,
+   minus :math:`\beta\,\widehat{KL}_t` (k1, k2 or k3; or the KL in the loss instead);
 5. GAE(:math:`\gamma, \lambda`) advantages and returns, advantages whitened over the global batch;
 6. ``ppo_epochs`` epochs of ``ppo_minibatches`` shuffled minibatches: the clipped surrogate (optionally
    dual-clipped), plus ``vf_coef`` times the clipped value loss, minus ``entropy_coef`` times the entropy,
@@ -58,12 +59,13 @@ class PPOTrainer(OnlineTrainer):
 
     algorithm = "PPO"
 
-    def __init__(self, config, policy, target, scorer, prompts=None, metrics_fn=None, accelerator=None) -> None:
+    def __init__(self, config, policy, target, scorer, prompts=None, metrics_fn=None, accelerator=None,
+                 **engine_options) -> None:
         if config.algo != "ppo":
             raise ValueError(f"PPOTrainer needs --algo ppo, got {config.algo!r}")
         target = reward_target(target, None, config.beta)
         self.reward_feature = target.energies[0].reward
-        super().__init__(config, policy, target, scorer, prompts, metrics_fn, accelerator)
+        super().__init__(config, policy, target, scorer, prompts, metrics_fn, accelerator, **engine_options)
         if self.local_batch % config.ppo_minibatches:
             raise ValueError(f"--ppo_minibatches ({config.ppo_minibatches}) must divide each process's share of the "
                              f"batch ({self.local_batch})")
@@ -138,8 +140,12 @@ class PPOTrainer(OnlineTrainer):
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
         return scores
 
-    def token_scores(self, batch: SampleBatch, scores: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` the task's reward per token: on each completion's last real token."""
+    def token_scores(self, batch: SampleBatch, scores: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` the task's reward per token: on each completion's last real token; with a fine-grained reward
+        (the task's per-token reward vector) its segment rewards, and what the EOS penalty, normalisation and
+        clipping changed in the sequence's total (``scores - raw``) on the last real token."""
+        if self.dense_rewards is not None and self.fine_grained_feature == self.reward_feature:
+            return self.dense_rewards + place_on_last_token(scores - raw.double(), batch.completion_mask)
         return place_on_last_token(scores, batch.completion_mask)
 
     def global_moments(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
@@ -164,7 +170,7 @@ class PPOTrainer(OnlineTrainer):
             scores = self.sequence_rewards(batch, features[self.reward_feature])
             beta = self.kl_controller.value
             kl = kl_per_token(token_log_old, token_log_a, cfg.kl_estimator) * mask
-            token_rewards = self.token_scores(batch, scores)
+            token_rewards = self.token_scores(batch, scores, features[self.reward_feature])
             if cfg.kl_in == "reward":
                 token_rewards = token_rewards - beta * kl
             advantages, returns = generalized_advantages(token_rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)

@@ -10,7 +10,12 @@ Korbak et al. 2022); the phases come from :class:`fdpg.engine.OnlineTrainer`:
 4. pseudo-rewards :math:`R = -f'(\pi/p)` with :math:`\log t = \log\pi - \log P + \log Z`, a baseline
    over the global batch, importance weights :math:`\pi/q`;
 5. :math:`\mathcal L = -\frac1n\sum_j w_j(R_j - b_j)\log\pi_\theta(x_j)`, backward (micro-batched),
-   clip, optimizer and scheduler step, all through ``accelerate``;
+   clip, optimizer and scheduler step, all through ``accelerate``; with ``--token_credit`` (reverse KL, a causal
+   fine-grained reward) each token's log-probability is weighted by its reward-to-go instead,
+   :math:`\mathcal L = -\frac1n\sum_j\sum_t (G_{jt} - b_{jt})\log\pi_\theta(y_{jt}\mid c, y_{j,<t})` with
+   :math:`G_{jt} = \sum_{t'\ge t}(r_{jt'}/\beta - \log\frac{\pi}{a}(y_{jt'}))`
+   (:func:`objectives.fine_grained.reward_to_go`) and :math:`b_{jt}` the baseline of the other samples' :math:`G`
+   at position t (:func:`objectives.estimators.token_baseline`): the same expected gradient, lower variance;
 6. metrics to ``metrics.jsonl``, samples to ``samples.jsonl``; checkpoints every ``save_every`` steps.
 """
 
@@ -32,7 +37,9 @@ from fdpg.engine import (  # noqa: F401  (re-exported: the names callers have im
     feature_means,
 )
 from fdpg.log_probs import completion_token_log_probs
-from objectives import MovingAverageBaseline, batch_baseline, get_divergence, surrogate_loss
+from objectives import MovingAverageBaseline, ReverseKL, batch_baseline, get_divergence, surrogate_loss
+from objectives.estimators import token_baseline
+from objectives.fine_grained import reward_to_go
 
 
 class FDPGTrainer(OnlineTrainer):
@@ -43,12 +50,39 @@ class FDPGTrainer(OnlineTrainer):
 
     algorithm = "f-DPG"
 
-    def __init__(self, config, policy, target, scorer, prompts=None, metrics_fn=None, accelerator=None) -> None:
-        super().__init__(config, policy, target, scorer, prompts, metrics_fn, accelerator)
+    def __init__(self, config, policy, target, scorer, prompts=None, metrics_fn=None, accelerator=None,
+                 **engine_options) -> None:
+        super().__init__(config, policy, target, scorer, prompts, metrics_fn, accelerator, **engine_options)
         self.divergence = get_divergence(config.divergence)
         self.moving_baseline = MovingAverageBaseline(config.baseline_decay)
+        if config.token_credit:
+            self._check_token_credit()
         if config.off_policy:
             self.proposal = {k: v.detach().clone() for k, v in self._policy_trainable().items()}
+
+    def _check_token_credit(self) -> None:
+        """Token-level credit needs per-token rewards, reverse KL, and components that read no later text."""
+        if self.fine_grained is None:
+            raise ValueError("--token_credit weights each token by its reward-to-go, which needs a task with a "
+                             "fine-grained reward (e.g. --task toxicity --task_args granularity=sentence)")
+        if not isinstance(self.divergence, ReverseKL):
+            raise ValueError(f"--token_credit is the reverse-KL pseudo-reward split over tokens; --divergence "
+                             f"{self.config.divergence} has no such split: drop one of them")
+        lagging = [c.name for c in self.fine_grained.components if not c.causal]
+        if lagging:
+            raise ValueError(f"--token_credit is unbiased only when every segment reward depends on the text up to "
+                             f"its segment's end; component(s) {lagging} are declared non-causal (they read later "
+                             "text), so their reward-to-go would bias the gradient. Drop --token_credit (the "
+                             "sequence-level estimate is right for them)")
+
+    def token_credit_weights(self, batch, token_log_a: torch.Tensor, g_keys: list) -> torch.Tensor:
+        """``[B, T]`` this process's :math:`G_{jt} - b_{jt}` (module docstring), over the global batch's baseline."""
+        cfg = self.config
+        log_ratio = batch.token_log_pi.double() - token_log_a
+        to_go = reward_to_go(self.dense_rewards, log_ratio, batch.completion_mask, cfg.beta)
+        g_to_go = self.gather_tokens(to_go)
+        weights = g_to_go - token_baseline(g_to_go, cfg.baseline, g_keys)
+        return weights[self.local_slice(), :to_go.shape[1]]
 
     def algorithm_state(self) -> dict[str, Any]:
         return {"log_z": self.log_z.state_dict(), "moving_baseline": self.moving_baseline.state_dict()}
@@ -94,6 +128,7 @@ class FDPGTrainer(OnlineTrainer):
                     self.proposal = {k: v.detach().clone() for k, v in self._policy_trainable().items()}
             local = self.local_slice()
             rewards, baseline, weights = g_rewards[local], g_baseline[local], g_weights[local]
+            token_weights = self.token_credit_weights(batch, token_log_a, g_keys) if cfg.token_credit else None
             metrics = self.shared_metrics(step, batch, self.divergence, g_features, g_log_pi, g_log_q, g_log_a,
                                           g_log_p, g_rewards)
 
@@ -104,11 +139,16 @@ class FDPGTrainer(OnlineTrainer):
                 part = batch.slice(lo, hi)
                 sync = nullcontext() if i == n_micro - 1 else acc.no_sync(self.model)
                 with sync, acc.autocast():
-                    log_pi = completion_token_log_probs(self.model, part).sum(-1)
-                    loss = surrogate_loss(log_pi, rewards[lo:hi].to(log_pi.device),
-                                          baseline[lo:hi].to(log_pi.device),
-                                          weights[lo:hi].to(log_pi.device) if cfg.proposal_differs else None,
-                                          normaliser=self.local_batch)
+                    if token_weights is not None:  # reward-to-go per token (on-policy, reverse KL)
+                        token_log_pi = completion_token_log_probs(self.model, part)
+                        w = token_weights[lo:hi, :token_log_pi.shape[1]].to(token_log_pi)
+                        loss = -(w * token_log_pi).sum() / self.local_batch
+                    else:
+                        log_pi = completion_token_log_probs(self.model, part).sum(-1)
+                        loss = surrogate_loss(log_pi, rewards[lo:hi].to(log_pi.device),
+                                              baseline[lo:hi].to(log_pi.device),
+                                              weights[lo:hi].to(log_pi.device) if cfg.proposal_differs else None,
+                                              normaliser=self.local_batch)
                     acc.backward(loss)
 
         with self.timed("optimizer"):

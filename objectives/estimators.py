@@ -58,6 +58,16 @@ def batch_baseline(
     raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
 
 
+def token_baseline(
+    rewards_to_go: torch.Tensor, kind: str = "loo", groups: Sequence[Hashable] | None = None
+) -> torch.Tensor:
+    r"""``[B, T]`` per-token baseline of token-level credit: :func:`batch_baseline` of each position's column,
+    :math:`b_{jt}` from the other samples' :math:`G_{kt}` (0 past their end). A baseline that does not depend on
+    sample :math:`j` itself leaves the gradient unbiased (``loo``, ``prompt_loo``, ``none``)."""
+    columns = [batch_baseline(rewards_to_go[:, t], kind, groups) for t in range(rewards_to_go.shape[1])]
+    return torch.stack(columns, 1) if columns else torch.zeros_like(rewards_to_go)
+
+
 class MovingAverageBaseline:
     r"""Moving average of past batches' mean pseudo-reward, :math:`b \leftarrow \gamma b + (1-\gamma)\bar R`.
 

@@ -11,6 +11,10 @@ completes the segment's last character, which gives a dense reward per generated
 .. math::  r_t = \sum_k \sum_{j:\ t_{kj} = t} w_k R_{kj}, \qquad
            \sum_t r_t = \sum_k w_k \sum_j R_{kj} =: r(y).
 
+A segmenter that marks itself ``completes_with_text`` (:func:`objectives.segments.whole_text`) has segments
+that end where the completion ends, which only the last token decides: they go on the completion's last token
+(its EOS when it has one), where a holistic reward goes, so that their placement depends on no later token.
+
 A scorer reads either the segment's text (``reads="segment"``) or the completion up to the segment's
 end (``reads="prefix"``); either way, the segment's score depends only on tokens up to :math:`t_{kj}`
 (*causal*). A scorer that also looks at text after the segment (e.g. it closes over the whole
@@ -172,6 +176,10 @@ class Component:
         reads: ``"segment"``: the scorer gets each segment's text; ``"prefix"``: the completion up to the
             segment's end (the context of a left-to-right reward model).
         causal: ``False`` declares that the scorer's score for a segment also depends on text after it.
+        increments: with ``reads="prefix"``, the segment's score is the *increase* of the scorer's score,
+            :math:`R_{kj} = S(y_{\le e_j}) - S(y_{\le e_{j-1}})` with :math:`S(y_{\le e_0}) := 0`, so that the
+            segment scores of a completion sum to :math:`S` of its last prefix (a holistic score split over
+            segments, Wu et al.'s sentence-level toxicity); still causal.
     """
 
     name: str
@@ -180,6 +188,7 @@ class Component:
     weight: float = 1.0
     reads: Reads = "segment"
     causal: bool = True
+    increments: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.name, str) and self.name):
@@ -199,6 +208,9 @@ class Component:
             )
         if not isinstance(self.causal, bool):
             raise ObjectiveError(f"Component {self.name!r}: causal must be True or False, got {self.causal!r}")
+        if self.increments and self.reads != "prefix":
+            raise ObjectiveError(f"Component {self.name!r}: increments=True differences the scores of growing "
+                                 "prefixes, so it needs reads='prefix'")
         if isinstance(self.segmenter, str):
             object.__setattr__(self, "segmenter", get_segmenter(self.segmenter))
         elif not callable(self.segmenter):
@@ -323,6 +335,23 @@ def _scores(component: Component, raw: object, pending: _Pending) -> list[float]
     return values.tolist()
 
 
+def _scored(component: Component, pending: _Pending) -> list[float]:
+    """The component's segment scores: one scorer call for the batch; with ``increments``, each prefix's score
+    minus the previous prefix's of the same completion (0 before the first)."""
+    if not pending.inputs:
+        return []
+    values = _scores(component, component.scorer(pending.inputs), pending)
+    if not component.increments:
+        return values
+    out, previous, row = [], 0.0, None
+    for b, value in zip(pending.rows, values):
+        if b != row:
+            previous, row = 0.0, b
+        out.append(value - previous)
+        previous = value
+    return out
+
+
 # ----------------------------------------------------------------------------------------- the reward
 class FineGrainedReward:
     r"""A weighted sum of segment-level rewards placed on the policy's tokens (module docstring).
@@ -381,17 +410,35 @@ class FineGrainedReward:
         char_ends = [token_char_ends(ids, decode, None if texts is None else texts[b]) for b, ids in enumerate(rows)]
         final = [decode(ids) if texts is None else texts[b] for b, ids in enumerate(rows)]
         pending = [self._collect(c, final, char_ends) for c in self.components]
-        scores = [_scores(c, c.scorer(p.inputs), p) if p.inputs else [] for c, p in zip(self.components, pending)]
+        scores = [_scored(c, p) for c, p in zip(self.components, pending)]
         return self._assemble(final, char_ends, width, pending, scores, dtype, device)
 
     score = __call__
+
+    def totals(self, texts: Sequence[str], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        r"""``[B]`` :math:`r(y) = \sum_k w_k \sum_j R_{kj}` from the texts alone (no tokens: the placement does not
+        change the total); equal to :attr:`FineGrainedResult.total` of the same completions."""
+        texts = list(texts)
+        no_tokens: list[list[int]] = [[] for _ in texts]
+        pending = [self._collect(c, texts, no_tokens) for c in self.components]
+        per_row: list[list[float]] = [[] for _ in texts]
+        for component, p in zip(self.components, pending):
+            for b, value in zip(p.rows, _scored(component, p)):
+                per_row[b].append(component.weight * value)
+        totals = [math.fsum(values) for values in per_row]
+        return torch.tensor(totals, dtype=dtype)
 
     @staticmethod
     def _collect(component: Component, texts: list[str], char_ends: list[list[int]]) -> _Pending:
         pending = _Pending()
         for b, (text, ends) in enumerate(zip(texts, char_ends)):
             spans = check_spans(component.segmenter(text), text, f"segmenter of component {component.name!r}")
-            tokens = segment_end_tokens(spans, ends) if ends else [None] * len(spans)
+            if not ends:
+                tokens: list[int | None] = [None] * len(spans)
+            elif getattr(component.segmenter, "completes_with_text", False):
+                tokens = [len(ends) - 1] * len(spans)  # ends with the completion: on its last token (EOS)
+            else:
+                tokens = segment_end_tokens(spans, ends)
             for span, token in zip(spans, tokens):
                 pending.rows.append(b)
                 pending.spans.append(span)

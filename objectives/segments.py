@@ -260,8 +260,15 @@ def _line_cuts(text: str) -> set[int]:
 
 # ----------------------------------------------------------------------------------------- segmenters
 def whole_text(text: str) -> list[Span]:
-    """The whole text as one segment, whitespace included: ``[(0, len(text))]`` (``[(0, 0)]`` if empty)."""
+    """The whole text as one segment, whitespace included: ``[(0, len(text))]`` (``[(0, 0)]`` if empty).
+
+    Its end is the completion's end, known only when generation stops: a fine-grained reward places it on the
+    completion's last token (its EOS when it has one), as holistic rewards are (:attr:`completes_with_text`)."""
     return [(0, len(text))]
+
+
+#: Segmenters whose segments end where the completion ends (placed on its last token, EOS included).
+whole_text.completes_with_text = True  # type: ignore[attr-defined]
 
 
 def sentences(text: str) -> list[Span]:

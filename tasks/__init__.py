@@ -10,6 +10,7 @@ import difflib
 
 from tasks.base import MissingDependencyError, TargetFit, Task, TaskSpec
 from tasks.codegen import CodeTask
+from tasks.fine_grained import FineGrainedTask
 from tasks.gender import GenderTask
 from tasks.lexical import LexicalTask
 from tasks.professions import ProfessionsTask
@@ -41,7 +42,7 @@ def available_tasks() -> dict[str, str]:
     return {name: _TASKS[name].description for name in sorted(_TASKS)}
 
 
-for _task in (SentimentTask, LexicalTask, GenderTask, ProfessionsTask, CodeTask, ToxicityTask):
+for _task in (SentimentTask, LexicalTask, GenderTask, ProfessionsTask, CodeTask, ToxicityTask, FineGrainedTask):
     register_task(_task)
 
 __all__ = ["MissingDependencyError", "TargetFit", "Task", "TaskSpec", "available_tasks", "get_task", "register_task"]

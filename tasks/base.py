@@ -81,6 +81,11 @@ class TaskSpec:
         metrics: ``features -> {"score/<name>": value}``, the task's alignment metrics of a batch.
         fit: ``fit(sample_fn, n) -> TargetFit``, to be called once before training on ``n`` base samples.
         fit_samples: the number of base samples the task suggests for ``fit``.
+        fine_grained: a :class:`objectives.fine_grained.FineGrainedReward` whose segment rewards, placed on the
+            generated tokens, make up the feature ``fine_grained_feature`` (the scorer returns its total,
+            :meth:`~objectives.fine_grained.FineGrainedReward.totals`): PPO then takes the per-token rewards,
+            f-DPG the total (and, with ``--token_credit``, the reward-to-go). ``None``: one score per completion.
+        fine_grained_feature: the feature that is the fine-grained reward's total.
     """
 
     prompts: list[str] | None
@@ -91,6 +96,8 @@ class TaskSpec:
     notes: list[str] = field(default_factory=list)
     fit: FitHook | None = None
     fit_samples: int = 0
+    fine_grained: Any = None
+    fine_grained_feature: str = "reward"
 
     @property
     def needs_fit(self) -> bool:

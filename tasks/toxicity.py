@@ -1,7 +1,8 @@
-r"""``toxicity`` (holistic): :math:`P(x\mid c) = a(x\mid c)\,e^{-\mathrm{tox}(x)/\beta}`, one score per completion.
+r"""``toxicity``: :math:`P(x\mid c) = a(x\mid c)\,e^{-\mathrm{tox}(x)/\beta}`, holistic or sentence-level rewards.
 
-KL-regularised detoxification (RLHF with reverse KL; any divergence can be used). *Holistic* means
-that the whole completion gets one score, as opposed to fine-grained per-segment rewards.
+KL-regularised detoxification (RLHF with reverse KL; any divergence can be used). *Holistic* (the
+default) means that the whole completion gets one score; ``granularity=sentence`` splits the same
+reward over the sentences (fine-grained, Wu et al. 2023), see below.
 
 Prompts
     Debian's ``fortunes`` (``/usr/share/games/fortunes``, the top-level files: ``fortunes-min`` gives
@@ -18,8 +19,23 @@ Score ``toxicity`` in :math:`[0, 1]`
     sentence; ``aggregate=mean`` is the alternative), 0 for an empty completion. The target reads
     ``reward = -toxicity``: :math:`P = a\,e^{\mathrm{reward}/\beta}` (:func:`objectives.rl_with_kl`).
 
-Options: ``aggregate=max``, ``n_prompts=0`` (0 = all), ``seed=0``.
-Metrics: ``score/toxicity`` (mean) and ``score/toxic_fraction`` (toxicity > 0.5).
+Sentence-level rewards (``granularity=sentence``)
+    Wu et al. 2023's fine-grained toxicity: sentence :math:`j` (:func:`objectives.segments.sentences`)
+    gets :math:`r_j = -(T(y_{\le j}) - T(y_{\le j-1}))`, :math:`T(\text{nothing}) = 0`, where
+    :math:`T(y_{\le j})` is the holistic toxicity above of the completion's text up to the end of
+    sentence :math:`j` (one :class:`~objectives.fine_grained.Component`, ``reads="prefix"``,
+    ``increments=True``, weight -1), placed on the token that ends the sentence. The :math:`r_j` sum to
+    :math:`-T` of the text up to the last sentence's end, which is the whole completion without its
+    trailing whitespace (the sentence spans are stripped and cover every non-whitespace character),
+    and trailing whitespace never changes :math:`T` (it only adds empty pieces to :func:`sentences`
+    or whitespace that the pieces shed): the total is exactly the holistic reward ``-toxicity``, so
+    both granularities train toward the same target and differ only in credit assignment. The spec
+    carries the :class:`~objectives.fine_grained.FineGrainedReward` as ``TaskSpec.fine_grained``; the
+    scorer's ``reward`` is its total.
+
+Options: ``granularity=holistic`` (or ``sentence``), ``aggregate=max``, ``n_prompts=0`` (0 = all), ``seed=0``.
+Metrics: ``score/toxicity`` (mean) and ``score/toxic_fraction`` (toxicity > 0.5), of the whole completion
+at either granularity.
 """
 
 from __future__ import annotations
@@ -34,11 +50,13 @@ from pathlib import Path
 import torch
 
 from objectives import rl_with_kl
+from objectives.fine_grained import Component, FineGrainedReward
 from tasks.base import Task, TaskSpec, parse_options, require
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 MIN_WORDS, MAX_WORDS = 6, 60
 TOXIC_THRESHOLD = 0.5
+GRANULARITIES = ("holistic", "sentence")
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -98,19 +116,26 @@ def sentences(text: str) -> list[str]:
 def sentence_toxicity(texts: Sequence[str]) -> list[list[float]]:
     """``alt-profanity-check`` probability of each sentence of each text (one batched call)."""
     split = [sentences(t) for t in texts]
-    flat = [s for parts in split for s in parts]
-    probs = [float(p) for p in _predict_prob()(flat)] if flat else []
-    out, i = [], 0
-    for parts in split:
-        out.append(probs[i:i + len(parts)])
-        i += len(parts)
-    return out
+    unique = list(dict.fromkeys(s for parts in split for s in parts))  # prefixes repeat their sentences
+    probs = dict(zip(unique, (float(p) for p in _predict_prob()(unique)))) if unique else {}
+    return [[probs[s] for s in parts] for parts in split]
 
 
 def holistic_toxicity(texts: Sequence[str], aggregate: str = "max") -> torch.Tensor:
     """One toxicity per text: the max (or mean) over its sentences, 0 for a text with no sentence."""
     reduce = max if aggregate == "max" else (lambda xs: sum(xs) / len(xs))
     return torch.tensor([reduce(p) if p else 0.0 for p in sentence_toxicity(texts)], dtype=torch.float64)
+
+
+def fine_grained_toxicity(aggregate: str = "max") -> FineGrainedReward:
+    r"""Sentence-level rewards :math:`-(T(y_{\le j}) - T(y_{\le j-1}))`, :math:`T` = :func:`holistic_toxicity`
+    of the text up to sentence :math:`j`'s end; their sum is the holistic reward (module docstring)."""
+
+    def prefix_toxicity(prefixes: list[str]) -> torch.Tensor:
+        return holistic_toxicity(prefixes, aggregate)
+
+    return FineGrainedReward([Component("toxicity", "sentence", prefix_toxicity, weight=-1.0, reads="prefix",
+                                        increments=True)])
 
 
 def toxicity_metrics(features: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -120,13 +145,17 @@ def toxicity_metrics(features: Mapping[str, torch.Tensor]) -> dict[str, float]:
 
 class ToxicityTask(Task):
     name = "toxicity"
-    description = ("holistic detoxification: P = a * exp(-tox/beta), tox = max over sentences of alt-profanity-check; "
-                   "prompts: halves of Debian fortunes")
+    description = ("detoxification: P = a * exp(-tox/beta), tox = max over sentences of alt-profanity-check; "
+                   "granularity=sentence: per-sentence rewards (prefix differences); prompts: halves of Debian "
+                   "fortunes")
     defaults = {"divergence": "rkl", "beta": 0.1, "max_new_tokens": 32}
-    options = {"aggregate": "max", "n_prompts": 0, "seed": 0}
+    options = {"granularity": "holistic", "aggregate": "max", "n_prompts": 0, "seed": 0}
 
     def build(self, beta: float, options: Mapping[str, str], prompts: Sequence[str] | None = None) -> TaskSpec:
         opts = parse_options(self.name, options, self.options)
+        if opts["granularity"] not in GRANULARITIES:
+            raise ValueError(f"task 'toxicity': --task_args granularity must be one of "
+                             f"{', '.join(map(repr, GRANULARITIES))}, got {opts['granularity']!r}")
         if opts["aggregate"] not in ("max", "mean"):
             raise ValueError(f"task 'toxicity': aggregate must be 'max' or 'mean', got {opts['aggregate']!r}")
         if opts["n_prompts"] < 0:
@@ -137,9 +166,17 @@ class ToxicityTask(Task):
             raise FileNotFoundError(f"no fortune of {MIN_WORDS}-{MAX_WORDS} words under {FORTUNES_DIR}; "
                                     "install `fortunes-min` or pass --prompts_file")
         aggregate = opts["aggregate"]
+        fine_grained = fine_grained_toxicity(aggregate) if opts["granularity"] == "sentence" else None
 
-        def scorer(completions: list[str], prompts: list[str]) -> dict[str, torch.Tensor]:
-            return {"reward": -holistic_toxicity(completions, aggregate)}
+        if fine_grained is None:
+            def scorer(completions: list[str], prompts: list[str]) -> dict[str, torch.Tensor]:
+                return {"reward": -holistic_toxicity(completions, aggregate)}
+            note = f"reward = -toxicity ({aggregate} over sentences), one score per completion"
+        else:
+            def scorer(completions: list[str], prompts: list[str]) -> dict[str, torch.Tensor]:
+                return {"reward": fine_grained.totals(completions)}
+            note = (f"reward = -toxicity ({aggregate} over sentences), split over sentences: "
+                    "r_j = -(tox(text to sentence j) - tox(text to sentence j-1))")
 
         return TaskSpec(
             prompts=pool,
@@ -147,5 +184,6 @@ class ToxicityTask(Task):
             target=rl_with_kl("reward", beta).as_conditional(),
             metrics=toxicity_metrics,
             defaults=dict(self.defaults),
-            notes=[f"{len(pool)} prompts; reward = -toxicity ({aggregate} over sentences)"],
+            notes=[f"{len(pool)} prompts; {note}"],
+            fine_grained=fine_grained,
         )

@@ -174,9 +174,10 @@ def ab_scorer(completions: list[str], prompts: list[str]) -> dict[str, list[floa
 
 
 def enumerable_trainer(model_dir, tmp_path, target=None, prompts=("",), beta: float = 0.5, batch: int = 64,
-                       **overrides: Any):
+                       scorer=None, fine_grained=None, **overrides: Any):
     """A trainer (``algo`` chooses f-DPG or PPO) on the enumerable model with a random LoRA adapter (pi != a),
-    completions of at most 3 tokens, two micro-batches, no gradient clipping, the :func:`ab_scorer` reward."""
+    completions of at most 3 tokens, two micro-batches, no gradient clipping, the :func:`ab_scorer` reward (or
+    ``scorer``, and a task's ``fine_grained`` reward)."""
     from fdpg_testing import nonzero_lora_policy
 
     from fdpg.config import TrainConfig
@@ -194,7 +195,7 @@ def enumerable_trainer(model_dir, tmp_path, target=None, prompts=("",), beta: fl
     policy = nonzero_lora_policy(model_dir)
     target = rl_with_kl("reward", beta) if target is None else target
     algorithm = PPOTrainer if config.algo == "ppo" else FDPGTrainer
-    return algorithm(config, policy, target, ab_scorer, list(prompts))
+    return algorithm(config, policy, target, scorer or ab_scorer, list(prompts), fine_grained=fine_grained)
 
 
 def recorded_gradients(trainer, steps: int, warmup: int = 2) -> tuple[torch.Tensor, list[dict[str, Any]]]:

@@ -78,8 +78,8 @@ def test_the_special_case_test_rejects_departures(enumerable_model_dir: Path, tm
     if variant == "kl sign flipped":
         monkeypatch.setattr(ppo_module, "kl_per_token", _kl_with_the_wrong_sign)
     elif variant == "reward on the first token":
-        monkeypatch.setattr(ppo_module.PPOTrainer, "token_scores", lambda self, batch, scores: torch.nn.functional.pad(
-            scores[:, None], (0, batch.completion_mask.shape[1] - 1)))
+        monkeypatch.setattr(ppo_module.PPOTrainer, "token_scores", lambda self, batch, scores, raw: torch.nn.functional
+                            .pad(scores[:, None], (0, batch.completion_mask.shape[1] - 1)))
     else:
         changes["whiten_advantages"] = True
     grads, gradient, _ = _special_case_gradients(enumerable_model_dir, tmp_path, **changes)

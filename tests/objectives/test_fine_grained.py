@@ -177,7 +177,8 @@ def test_dense_rewards_weights_totals_and_padding(bpe) -> None:
     torch.testing.assert_close(result.total, torch.tensor([2 * (29 + 7) - 0.75, 2 * 12 - 0.75], dtype=torch.float64))
     torch.testing.assert_close(result.component_totals["whole"], torch.tensor([-0.75, -0.75], dtype=torch.float64))
     assert bool((result.dense[mask == 0] == 0).all())
-    assert result.dense[0, len(rows[0]) - 1] == 0  # the EOS decodes to nothing: no segment ends on it
+    # the EOS decodes to nothing: only the whole-text segment, which ends with the completion, sits on it
+    assert float(result.dense[0, len(rows[0]) - 1]) == pytest.approx(-0.75)
 
     first = result.segments[0]
     assert [(s.component, s.text, s.score, s.weighted) for s in first] == [
@@ -186,13 +187,34 @@ def test_dense_rewards_weights_totals_and_padding(bpe) -> None:
         ("whole", TWO_SENTENCES, 1.5, -0.75),
     ]
     ends = result.char_ends[0]
-    for s in first:  # each on the first token whose characters reach the segment's end
+    for s in first[:2]:  # each sentence on the first token whose characters reach the segment's end
         assert ends[s.token_index] >= s.span[1] and (s.token_index == 0 or ends[s.token_index - 1] < s.span[1])
         assert result.dense[0, s.token_index] != 0
-    # the last partial sentence and the whole text end on the last token before the EOS
-    assert first[1].token_index == first[2].token_index == len(rows[0]) - 2
-    assert float(result.dense[0, first[2].token_index]) == pytest.approx(14.0 - 0.75)
+    # the last partial sentence ends on the last token before the EOS; the whole text on the last token, the EOS
+    assert first[1].token_index == len(rows[0]) - 2 and first[2].token_index == len(rows[0]) - 1
+    assert float(result.dense[0, first[1].token_index]) == pytest.approx(14.0)
+    assert result.segments[1][-1].token_index == len(rows[1]) - 1  # no EOS: the last generated token
     assert result.causal
+
+
+def test_increments_split_a_holistic_prefix_score_and_totals_need_no_tokens(bpe) -> None:
+    """``increments``: segment j gets S(prefix_j) - S(prefix_{j-1}); the segments sum to S of the last prefix."""
+    decode = decoder(bpe)
+    rows = [pieces(bpe, TWO_SENTENCES), pieces(bpe, "hello", " world", ".")]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    mask = (torch.arange(width) < torch.tensor([len(r) for r in rows]).unsqueeze(1)).long()
+    texts = [decode(row) for row in rows]
+    squares = lambda prefixes: [float(len(t)) ** 2 for t in prefixes]  # noqa: E731  (not additive over segments)
+    reward = FineGrainedReward([Component("grow", "sentence", squares, weight=-1.0, reads="prefix", increments=True)])
+    result = reward(texts, ids, decode, mask=mask)
+    assert [s.score for s in result.segments[0]] == [29.0 ** 2, len(TWO_SENTENCES) ** 2 - 29.0 ** 2]
+    torch.testing.assert_close(result.total, -torch.tensor([len(t) ** 2 for t in texts], dtype=torch.float64))
+    torch.testing.assert_close(reward.totals(texts), result.total)
+    plain = FineGrainedReward([Component("grow", "sentence", squares, weight=-1.0, reads="prefix")])
+    assert float(plain.totals(texts)[0]) == -(29.0 ** 2 + len(TWO_SENTENCES) ** 2)
+    with pytest.raises(ObjectiveError, match="needs reads='prefix'"):
+        Component("bad", "sentence", squares, increments=True)
 
 
 def test_lengths_or_no_mask_at_all(bpe) -> None:
