@@ -27,7 +27,7 @@ runs no reference pass. Then each step:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -233,9 +233,3 @@ class DPOTrainer(OnlineTrainer):
         if world > 1:
             columns = [torch.cat(self.gather_list([c])) for c in columns]
         return self.pair_metrics(*columns, prefix="heldout/")
-
-    def algorithm_state(self) -> dict[str, Any]:
-        return {"log_z": self.log_z.state_dict()}
-
-    def load_algorithm_state(self, state: Mapping[str, Any]) -> None:
-        self.log_z.load_state_dict(state["log_z"])

@@ -1,7 +1,9 @@
-r"""The engine every online algorithm shares: sampling, scoring, reference pass, gathering, the loop, run logs.
+r"""The engine every algorithm shares: the loop and run logs, and the phases of the online algorithms.
 
-An algorithm (f-DPG in :mod:`fdpg.trainer`, PPO in :mod:`fdpg.ppo`) subclasses :class:`OnlineTrainer` and writes
-only its own step, :meth:`OnlineTrainer.train_step`, from the phases here:
+:class:`TrainingLoop` is the loop of every trainer (f-DPG, PPO, DPO, reward models): run directory, metrics,
+checkpoints, signals, resume. An online algorithm (f-DPG in :mod:`fdpg.trainer`, PPO in :mod:`fdpg.ppo`; DPO in
+:mod:`fdpg.dpo` uses its evaluation phases) subclasses :class:`OnlineTrainer` and writes only its own step,
+:meth:`OnlineTrainer.train_step`, from the phases here:
 
 - :meth:`~OnlineTrainer.sample`: this process's share of the step's completions :math:`x \sim q(\cdot\mid c)`
   (:math:`q = \pi_\theta`, or frozen proposal weights when ``self.proposal`` is set), seeded per
@@ -124,7 +126,233 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-class OnlineTrainer:
+class TrainingLoop:
+    """The loop every fdpg trainer shares (the online algorithms, DPO, reward models): run directory, one
+    ``metrics.jsonl`` line per step, checkpoints every ``save_every`` steps (the trainable weights, optimizer,
+    scheduler, the algorithm's state), SIGTERM/SIGINT saved and stopped, a resumable checkpoint left on any
+    error, and resume from the last checkpoint.
+
+    A subclass sets ``config`` (with ``steps``, ``output_dir``, ``resume``, ``save_every``, ``progress``; optional
+    ``report_to`` and ``log_samples_every``), ``accelerator``, ``optimizer`` and ``scheduler``, calls
+    :meth:`init_loop`, and implements :meth:`train_step` and :meth:`_trainable` (plus the optional hooks).
+    """
+
+    #: Shown on the progress bar.
+    algorithm = "training"
+    #: Frozen weights checkpointed with the run (f-DPG's off-policy proposal), or ``None``.
+    proposal: dict[str, torch.Tensor] | None = None
+
+    def init_loop(self) -> None:
+        """The loop's own state: no step done, no run directory yet."""
+        self.step = 0
+        #: Extra entries for config.json (e.g. the fitted lambdas of the target), set by the caller.
+        self.run_extras: dict[str, Any] = {}
+        self.run: RunLog | None = None
+        self._stop_signal: int | None = None
+        self._timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ what a trainer adds
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Run optimisation step ``step`` (0-based) and return its metrics."""
+        raise NotImplementedError
+
+    def prepare_run(self) -> None:
+        """Work done once the run directory exists (created or resumed), before the first step: e.g. DPO's
+        reference log-probabilities of its pairs, computed once and stored there."""
+
+    def algorithm_state(self) -> dict[str, Any]:
+        """The algorithm's JSON-serialisable state (estimators, controllers) for checkpoints."""
+        return {}
+
+    def load_algorithm_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`algorithm_state` returned."""
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        """Every trained parameter by name (what a checkpoint holds)."""
+        raise NotImplementedError
+
+    def run_config(self) -> dict[str, Any]:
+        """What ``config.json`` records: the settings and :attr:`run_extras`."""
+        return {**self.config.to_dict(), **self.run_extras}
+
+    def check_resumable(self, run: RunLog) -> None:
+        """Refuse to resume ``run`` when its saved settings differ from these in a way that cannot change."""
+
+    def _log_samples(self, step: int) -> None:
+        """Write the step's samples (``samples.jsonl``); nothing by default."""
+
+    def save_final(self, directory: str) -> None:
+        """The trained weights, for use after training (``RUN/final``)."""
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """Work done once when the run finishes (an evaluation); its summary entries."""
+        return {}
+
+    # ------------------------------------------------------------------ helpers of a step
+    def begin_step(self) -> float:
+        """Start timing a step's phases (:meth:`timed`); returns the step's start time."""
+        self._timings = {}
+        return time.perf_counter()
+
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Adds the time spent inside to the step's ``time/<phase>`` metric."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"time/{phase}"
+            self._timings[key] = self._timings.get(key, 0.0) + time.perf_counter() - start
+
+
+    def optimizer_step(self) -> float | None:
+        """Clip the gradient (``max_grad_norm``), step the optimizer, zero the gradients; the norm before clipping."""
+        grad_norm = None
+        if self.config.max_grad_norm is not None:
+            grad_norm = float(self.accelerator.clip_grad_norm_(list(self._trainable().values()),
+                                                               self.config.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+
+    # ------------------------------------------------------------------ the loop
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def save(self, barrier: bool = True) -> None:
+        """Checkpoint the state after ``self.step`` completed steps (the main process writes)."""
+        if barrier:
+            self.accelerator.wait_for_everyone()
+        if self.is_main and self.run is not None:
+            save_checkpoint(self.run.dir, self.step, dict(self._trainable()), self.optimizer.state_dict(),
+                            self.scheduler.state_dict(), self.algorithm_state(), proposal=self.proposal)
+        if barrier:
+            self.accelerator.wait_for_everyone()
+
+    def _restore(self, run: RunLog) -> None:
+        self.check_resumable(run)
+        path = latest_checkpoint(run.dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume {run.dir}: no checkpoint in {run.dir / 'checkpoints'}")
+        ckpt = load_checkpoint(path)
+        params = self._trainable()
+        missing = sorted(set(params) - set(ckpt.trainable))
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks parameters {missing[:5]}...: was it made with another model?")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(ckpt.trainable[name].to(p.device))
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.scheduler.load_state_dict(ckpt.scheduler)
+        self.load_algorithm_state(ckpt.state)
+        self.proposal = ckpt.proposal
+        self.step = ckpt.step
+        if self.is_main:
+            run.metrics.truncate_after_step(self.step)
+            run.samples.truncate_after_step(self.step)
+            print(f"[fdpg] resumed {run.dir} from {path.name}", flush=True)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
+    def train(self) -> dict[str, Any]:
+        """Run until ``config.steps``; returns the summary. Resumes when ``config.resume`` is set."""
+        cfg = self.config
+        if cfg.resume:
+            self.run = RunLog.open_existing(cfg.resume)
+            self._restore(self.run)
+        elif self.is_main:
+            self.run = RunLog.create(cfg.output_dir, self.run_config())
+        report_to = getattr(cfg, "report_to", "none")
+        if self.is_main and report_to != "none":
+            self.accelerator.project_configuration.logging_dir = str(self.run.dir / "trackers")
+            self.accelerator.init_trackers("fdpg", config=_tracker_config(cfg.to_dict()))
+        self.prepare_run()
+        # Signal handlers can only be installed from the main thread; elsewhere the caller handles signals.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if in_main_thread else {}
+        status, error = "finished", None
+        last: dict[str, Any] = {}
+        started = time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main),
+                   desc=self.algorithm)
+        try:
+            while self.step < cfg.steps:
+                # A failed step leaves the estimators as they were before it (the weights have not moved).
+                snapshot = (copy.deepcopy(self.algorithm_state()), self.proposal)
+                try:
+                    last = self.train_step(self.step)
+                except BaseException:
+                    self.load_algorithm_state(snapshot[0])
+                    self.proposal = snapshot[1]
+                    raise
+                self.step += 1
+                if self.is_main:
+                    self.run.metrics.write(last)
+                    every = getattr(cfg, "log_samples_every", 0)
+                    if every and self.step % every == 0:
+                        self._log_samples(self.step)
+                    if report_to != "none":
+                        self.accelerator.log({k: v for k, v in last.items() if isinstance(v, (int, float))},
+                                             step=self.step)
+                    bar.set_postfix(self._postfix(last), refresh=False)
+                    bar.update(1)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save()
+                if self._stop_signal is not None:
+                    raise StopTraining(f"stopped by signal {signal.Signals(self._stop_signal).name}")
+        except StopTraining as exc:
+            status, error = "interrupted", str(exc)
+            self._emergency_save()
+        except BaseException as exc:
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            self._emergency_save()
+            raise
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            summary = {"status": status, "error": error, "steps_completed": self.step, "steps": cfg.steps,
+                       "wall_time_s": time.perf_counter() - started, "last_metrics": last}
+            if self.is_main and self.run is not None:
+                self.run.write_json("summary.json", summary)
+                if status == "finished":
+                    self.save_final(str(self.run.dir / "final"))
+                    summary.update(self.final_evaluation())
+                    self.run.write_json("summary.json", summary)
+                self.run.close()
+            if report_to != "none":
+                self.accelerator.end_training()
+        return summary
+
+    def _emergency_save(self) -> None:
+        """Leave a resumable checkpoint of the last completed step (if not already saved)."""
+        if self.run is None or self.step == 0:
+            return
+        path = latest_checkpoint(self.run.dir)
+        if path is None or path.name != f"step-{self.step}":
+            try:
+                self.save(barrier=False)  # other processes may be gone: no collective calls here
+            except Exception as exc:  # never hide the original error behind a saving error
+                print(f"[fdpg] could not save a checkpoint after the error: {exc}", flush=True)
+
+    @staticmethod
+    def _postfix(metrics: Mapping[str, Any]) -> dict[str, str]:
+        keys = [k for k in metrics if k.startswith("score/")][:2] + ["kl_pi_a", "d_f"]
+        return {k.removeprefix("score/"): f"{metrics[k]:.3g}" for k in keys
+                if isinstance(metrics.get(k), (int, float))}
+
+    @property
+    def run_dir(self):
+        return None if self.run is None else self.run.dir
+
+
+class OnlineTrainer(TrainingLoop):
     """The shared engine of the online algorithms; subclasses implement :meth:`train_step`.
 
     Args:
@@ -210,40 +438,20 @@ class OnlineTrainer:
         self.log_z = LogZEstimator(config.log_z, config.log_z_window)
         #: Frozen weights to sample from instead of the current ones (DPG's off-policy proposal), or ``None``.
         self.proposal: dict[str, torch.Tensor] | None = None
-        self.step = 0
-        #: Extra entries for config.json (e.g. the fitted lambdas of the target), set by the caller.
-        self.run_extras: dict[str, Any] = {}
-        self.run: RunLog | None = None
-        self._stop_signal: int | None = None
+        self.init_loop()
         self._last_samples: dict[str, Any] | None = None
         self._tokens_this_step = 0
-        self._timings: dict[str, float] = {}
         self._exact_kl: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    # ------------------------------------------------------------------ what an algorithm adds
     def build_extra_modules(self) -> dict[str, torch.nn.Module]:
         """The algorithm's own trainable modules besides the policy (called once, before the optimizer)."""
         return {}
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        """Run optimisation step ``step`` (0-based) and return its metrics."""
-        raise NotImplementedError
-
-    def prepare_run(self) -> None:
-        """Work done once the run directory exists (created or resumed), before the first step: e.g. DPO's
-        reference log-probabilities of its pairs, computed once and stored there."""
-
     def algorithm_state(self) -> dict[str, Any]:
-        """The algorithm's JSON-serialisable state (estimators, controllers) for checkpoints."""
         return {"log_z": self.log_z.state_dict()}
 
     def load_algorithm_state(self, state: Mapping[str, Any]) -> None:
         self.log_z.load_state_dict(state["log_z"])
-
-    # ------------------------------------------------------------------ helpers
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
 
     def _unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
@@ -302,22 +510,6 @@ class OnlineTrainer:
     def prompt_keys(self, prompts: Sequence[str]) -> list[str]:
         """The ``log Z`` key of each sample: its prompt when the target is conditional, else one global key."""
         return [p if self.conditional else GLOBAL_KEY for p in prompts]
-
-    # ------------------------------------------------------------------ shared phases
-    def begin_step(self) -> float:
-        """Start timing a step's phases (:meth:`timed`); returns the step's start time."""
-        self._timings = {}
-        return time.perf_counter()
-
-    @contextlib.contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
-        """Adds the time spent inside to the step's ``time/<phase>`` metric."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            key = f"time/{phase}"
-            self._timings[key] = self._timings.get(key, 0.0) + time.perf_counter() - start
 
     def rollout(self, step: int) -> tuple[SampleBatch, dict[str, torch.Tensor], torch.Tensor]:
         r"""The phases every online algorithm starts with: this process's completions (``generate``), the task's
@@ -402,6 +594,7 @@ class OnlineTrainer:
                              f"{float(result.dense[worst].sum()):.6g}, but the scorer's {feature!r} is "
                              f"{float(total[worst]):.6g}: the scorer must return FineGrainedReward.totals(texts)")
         return result.dense
+
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
             return t
@@ -455,23 +648,12 @@ class OnlineTrainer:
         self._tokens_this_step = sum(len(r) for r in g_tokens)
         return metrics
 
-    def optimizer_step(self) -> float | None:
-        """Clip the gradient (``max_grad_norm``), step the optimizer, zero the gradients; the norm before clipping."""
-        grad_norm = None
-        if self.config.max_grad_norm is not None:
-            grad_norm = float(self.accelerator.clip_grad_norm_(list(self._trainable().values()),
-                                                               self.config.max_grad_norm))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
     def finish_metrics(self, metrics: dict[str, Any], started: float) -> dict[str, Any]:
         """Add the phase timings, the step's time and the throughput (completion tokens per second)."""
         total = time.perf_counter() - started
         metrics.update({"tokens_per_s": self._tokens_this_step / total, "time/step": total, **self._timings})
         return metrics
 
-    # ------------------------------------------------------------------ logging and checkpoints
     def _log_samples(self, step: int) -> None:
         columns = self._last_samples
         if columns is None:  # a step that sampled nothing (DPO between its evaluations)
@@ -486,17 +668,12 @@ class OnlineTrainer:
         ]
         self.run.samples.write_many(records)
 
-    def save(self, barrier: bool = True) -> None:
-        """Checkpoint the state after ``self.step`` completed steps (the main process writes)."""
-        if barrier:
-            self.accelerator.wait_for_everyone()
-        if self.is_main and self.run is not None:
-            save_checkpoint(self.run.dir, self.step, dict(self._trainable()), self.optimizer.state_dict(),
-                            self.scheduler.state_dict(), self.algorithm_state(), proposal=self.proposal)
-        if barrier:
-            self.accelerator.wait_for_everyone()
+    def run_config(self) -> dict[str, Any]:
+        return {**self.config.to_dict(), "target": self.target.describe(), "conditional": self.conditional,
+                **self.run_extras}
 
-    def _restore(self, run: RunLog) -> None:
+    def check_resumable(self, run: RunLog) -> None:
+        """Refuse to resume ``run`` with settings that cannot change (:func:`fdpg.config.incompatible_settings`)."""
         saved = run.saved_config()
         diff = incompatible_settings(saved, self.config)
         # config.json holds the resolved `conditional` (unset = the target decides): compare resolved values.
@@ -508,29 +685,6 @@ class OnlineTrainer:
         if saved.get("target") not in (None, self.target.describe()) and self.is_main:
             print(f"[fdpg] warning: the target was {saved['target']!r} in {run.dir} but is "
                   f"{self.target.describe()!r} now (a refitted lambda may differ slightly)", flush=True)
-        path = latest_checkpoint(run.dir)
-        if path is None:
-            raise FileNotFoundError(f"--resume {run.dir}: no checkpoint in {run.dir / 'checkpoints'}")
-        ckpt = load_checkpoint(path)
-        params = self._trainable()
-        missing = sorted(set(params) - set(ckpt.trainable))
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks parameters {missing[:5]}...: was it made with another model?")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(ckpt.trainable[name].to(p.device))
-        self.optimizer.load_state_dict(ckpt.optimizer)
-        self.scheduler.load_state_dict(ckpt.scheduler)
-        self.load_algorithm_state(ckpt.state)
-        self.proposal = ckpt.proposal
-        self.step = ckpt.step
-        if self.is_main:
-            run.metrics.truncate_after_step(self.step)
-            run.samples.truncate_after_step(self.step)
-            print(f"[fdpg] resumed {run.dir} from {path.name}", flush=True)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop_signal = signum
 
     def save_final(self, directory: str) -> None:
         """The trained policy (adapter or model) and the algorithm's modules (``NAME.safetensors``)."""
@@ -541,77 +695,6 @@ class OnlineTrainer:
             state = {k: v.detach().cpu().contiguous() for k, v in self.accelerator.unwrap_model(module)
                      .state_dict().items()}
             save_file(state, os.path.join(directory, f"{name}.safetensors"))
-
-    # ------------------------------------------------------------------ the loop
-    def train(self) -> dict[str, Any]:
-        """Run until ``config.steps``; returns the summary. Resumes when ``config.resume`` is set."""
-        cfg = self.config
-        if cfg.resume:
-            self.run = RunLog.open_existing(cfg.resume)
-            self._restore(self.run)
-        elif self.is_main:
-            self.run = RunLog.create(cfg.output_dir, {**cfg.to_dict(), "target": self.target.describe(),
-                                                      "conditional": self.conditional, **self.run_extras})
-        if self.is_main and cfg.report_to != "none":
-            self.accelerator.project_configuration.logging_dir = str(self.run.dir / "trackers")
-            self.accelerator.init_trackers("fdpg", config=_tracker_config(cfg.to_dict()))
-        self.prepare_run()
-        # Signal handlers can only be installed from the main thread; elsewhere the caller handles signals.
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
-            if in_main_thread else {}
-        status, error = "finished", None
-        last: dict[str, Any] = {}
-        started = time.perf_counter()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main),
-                   desc=self.algorithm)
-        try:
-            while self.step < cfg.steps:
-                # A failed step leaves the estimators as they were before it (the weights have not moved).
-                snapshot = (copy.deepcopy(self.algorithm_state()), self.proposal)
-                try:
-                    last = self.train_step(self.step)
-                except BaseException:
-                    self.load_algorithm_state(snapshot[0])
-                    self.proposal = snapshot[1]
-                    raise
-                self.step += 1
-                if self.is_main:
-                    self.run.metrics.write(last)
-                    if cfg.log_samples_every and self.step % cfg.log_samples_every == 0:
-                        self._log_samples(self.step)
-                    if cfg.report_to != "none":
-                        self.accelerator.log({k: v for k, v in last.items() if isinstance(v, (int, float))},
-                                             step=self.step)
-                    bar.set_postfix(self._postfix(last), refresh=False)
-                    bar.update(1)
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                    self.save()
-                if self._stop_signal is not None:
-                    raise StopTraining(f"stopped by signal {signal.Signals(self._stop_signal).name}")
-        except StopTraining as exc:
-            status, error = "interrupted", str(exc)
-            self._emergency_save()
-        except BaseException as exc:
-            status, error = "failed", f"{type(exc).__name__}: {exc}"
-            self._emergency_save()
-            raise
-        finally:
-            bar.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            summary = {"status": status, "error": error, "steps_completed": self.step, "steps": cfg.steps,
-                       "wall_time_s": time.perf_counter() - started, "last_metrics": last}
-            if self.is_main and self.run is not None:
-                self.run.write_json("summary.json", summary)
-                if status == "finished":
-                    self.save_final(str(self.run.dir / "final"))
-                    summary.update(self.final_evaluation())
-                    self.run.write_json("summary.json", summary)
-                self.run.close()
-            if cfg.report_to != "none":
-                self.accelerator.end_training()
-        return summary
 
     def final_evaluation(self) -> dict[str, Any]:
         """``eval.json``: ``--eval_samples`` completions of the final policy and of the base model (cached), scored
@@ -639,24 +722,3 @@ class OnlineTrainer:
         self.run.write_json("eval.json", result)
         return {"eval": {k: result["policy"].get(k) for k in result["policy"] if k != "examples"},
                 "eval_time_s": result["time_s"]}
-
-    def _emergency_save(self) -> None:
-        """Leave a resumable checkpoint of the last completed step (if not already saved)."""
-        if self.run is None or self.step == 0:
-            return
-        path = latest_checkpoint(self.run.dir)
-        if path is None or path.name != f"step-{self.step}":
-            try:
-                self.save(barrier=False)  # other processes may be gone: no collective calls here
-            except Exception as exc:  # never hide the original error behind a saving error
-                print(f"[fdpg] could not save a checkpoint after the error: {exc}", flush=True)
-
-    @staticmethod
-    def _postfix(metrics: Mapping[str, Any]) -> dict[str, str]:
-        keys = [k for k in metrics if k.startswith("score/")][:2] + ["kl_pi_a", "d_f"]
-        return {k.removeprefix("score/"): f"{metrics[k]:.3g}" for k in keys
-                if isinstance(metrics.get(k), (int, float))}
-
-    @property
-    def run_dir(self):
-        return None if self.run is None else self.run.dir
