@@ -25,24 +25,41 @@ from fdpg.config import TrainConfig, load_config_file
 
 
 def parse_train_args(argv: Sequence[str]) -> TrainConfig:
-    """Flags over an optional ``--config`` YAML/JSON file over the task's defaults over the global defaults."""
+    """Flags over an optional ``--config`` YAML/JSON file over, when resuming, the run's saved settings, over the
+    task's defaults over the global defaults. ``--resume RUN`` alone continues RUN with its own settings; a flag
+    given explicitly overrides one (the trainer refuses a change of a setting that cannot change)."""
     import dataclasses
 
     from transformers import HfArgumentParser
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--resume", default=None)
     known, rest = pre.parse_known_args(list(argv))
+    rest = [*rest, "--resume", known.resume] if known.resume else rest
     parser = HfArgumentParser(TrainConfig, prog="fdpg train",
                               description="Align a causal LM with f-divergence minimisation (f-DPG).")
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags override it).")
-    from_file = load_config_file(known.config) if known.config else {}
-    parser.set_defaults(**from_file)
-    (config,) = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)[:1]
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    explicit = set(from_file) | {flag.lstrip("-").split("=")[0].replace("-", "_") for flag in rest
-                                 if flag.startswith("--")} & names
+    saved = saved_run_settings(known.resume, names) if known.resume else {}
+    from_file = load_config_file(known.config) if known.config else {}
+    parser.set_defaults(**{**saved, **from_file})
+    (config,) = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)[:1]
+    explicit = set(saved) | set(from_file) | {flag.lstrip("-").split("=")[0].replace("-", "_") for flag in rest
+                                              if flag.startswith("--")} & names
     return apply_task_defaults(config, explicit)
+
+
+def saved_run_settings(run_dir: str, names: set[str]) -> dict:
+    """The settings recorded in ``RUN/config.json`` that are fields of :class:`TrainConfig` (the run's own
+    ``resume`` and ``output_dir`` excluded); a directory that is not a run is reported by the trainer."""
+    import json
+
+    try:
+        saved = json.loads((Path(run_dir) / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {k: v for k, v in saved.items() if k in names and k not in ("resume", "output_dir")}
 
 
 def apply_task_defaults(config: TrainConfig, explicit: set[str]) -> TrainConfig:
@@ -65,6 +82,9 @@ def apply_task_defaults(config: TrainConfig, explicit: set[str]) -> TrainConfig:
 
 def read_prompts_file(path: str) -> list[str]:
     file = Path(path)
+    if file.exists() and not file.is_file():
+        raise ValueError(f"--prompts_file {path!r} exists but is not a regular file (a directory?): give a text file "
+                         "with one prompt per line")
     if not file.is_file():
         raise FileNotFoundError(f"--prompts_file {path!r} does not exist")
     prompts = [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -201,3 +201,26 @@ def test_an_uncached_hub_model_with_the_hub_offline_says_so(tmp_path: Path, caps
     assert code == 2
     assert "not in the local Hugging Face cache" in err and "HF_HUB_OFFLINE" in err
     assert "smollm2-135m-instruct" in err
+
+
+def test_resume_takes_the_runs_own_settings(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    """`fdpg train --resume RUN --steps N` continues RUN with its saved settings; an explicit flag that changes a
+    setting that cannot change is refused, one that can (--steps) is taken."""
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--model", str(tiny_model_dir), "--task", "sentiment", "--output_dir", str(run),
+                            *SMALL, "--divergence", "js", "--lora_r", "2", "--beta", "0.3"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["train", "--resume", str(run), "--steps", "2", "--progress", "false"], capsys)
+    assert code == 0, err
+    assert "finished after 2/2 steps" in out
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert (config["divergence"], config["lora_r"], config["beta"]) == ("js", 2, 0.3)
+    code, _, err = run_cli(["train", "--resume", str(run), "--steps", "3", "--divergence", "rkl"], capsys)
+    assert code == 2 and "settings differ (divergence: checkpoint 'js' vs now 'rkl')" in err
+
+
+def test_a_prompts_file_that_is_a_directory_says_so(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["train", "--prompts_file", str(tmp_path), "--output_dir", str(tmp_path / "run"), *SMALL],
+                           capsys)
+    assert code == 2 and "exists but is not a regular file" in err
