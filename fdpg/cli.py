@@ -7,6 +7,7 @@
     fdpg train --algo dpo --preferences PAIRS|task [--divergence js] ...   DPO / f-DPO from preference pairs
     fdpg eval --task sentiment --model RUN_DIR_OR_MODEL [--n 64]   metrics of a model or a run
     fdpg analyze runs/* --out report                               Pareto frontier and plots of runs
+    fdpg sweep --grid "divergence=rkl,js seed=0,1" --output_dir sweeps/NAME [train flags]   one run per cell
     fdpg divergences            list the registered f-divergences
     fdpg tasks                  list the tasks
     fdpg models prepare         dequantise the embedded default model once into the cache
@@ -421,8 +422,14 @@ def cmd_models(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "divergences": cmd_divergences,
-            "tasks": cmd_tasks, "models": cmd_models}
+def cmd_sweep(argv: Sequence[str]) -> int:
+    from fdpg.sweep import cmd_sweep as sweep
+
+    return sweep(argv)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "sweep": cmd_sweep,
+            "divergences": cmd_divergences, "tasks": cmd_tasks, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
