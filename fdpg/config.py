@@ -341,11 +341,11 @@ def incompatible_settings(saved: dict[str, Any], current: TrainConfig) -> dict[s
     }
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON settings file into a dict (keys are TrainConfig field names)."""
+def read_mapping_file(path: str | Path, flag: str) -> dict[str, Any]:
+    """A YAML (``.yaml``/``.yml``) or JSON file that holds one mapping; ``flag`` names it in errors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{flag} file {str(path)!r} does not exist")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         import yaml
@@ -354,7 +354,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     else:
         data = json.loads(text)
     if not isinstance(data, dict):
-        raise ValueError(f"--config file {str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
+        raise ValueError(f"{flag} file {str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON settings file into a dict (keys are TrainConfig field names)."""
+    data = read_mapping_file(path, "--config")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:

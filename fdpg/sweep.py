@@ -66,17 +66,10 @@ def parse_grid(text: str) -> dict[str, list[str]]:
 
 def load_grid_file(path: str | Path) -> dict[str, list[str]]:
     """A YAML or JSON mapping of setting names to a value or a list of values."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--grid_file {str(path)!r} does not exist")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    from fdpg.config import read_mapping_file
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict) or not data:
+    data = read_mapping_file(path, "--grid_file")
+    if not data:
         raise ValueError(f"--grid_file {str(path)!r} must hold a mapping of setting names to lists of values")
     return {str(k).replace("-", "_"): [_as_flag_value(v) for v in (vs if isinstance(vs, list) else [vs])]
             for k, vs in data.items()}

@@ -65,6 +65,18 @@ def build_trainer(model_dir: Path | str, output_dir: Path | str, target=None, sc
     return algorithm(config, policy, target, scorer, prompts)
 
 
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``fdpg.cli.main(argv)``'s exit code (argparse errors raise SystemExit), stdout and stderr."""
+    from fdpg.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -7,23 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
-from fdpg_testing import read_jsonl
+from fdpg_testing import read_jsonl, run_cli
 
-from fdpg.cli import main, parse_train_args
+from fdpg.cli import parse_train_args
 from objectives import available_divergences
 
 SMALL = ["--steps", "1", "--batch_size", "4", "--samples_per_prompt", "2", "--max_new_tokens", "8",
          "--progress", "false", "--eval_samples", "0"]
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """``main(argv)``'s exit code (argparse errors raise SystemExit), stdout and stderr."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_train_sentiment_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:

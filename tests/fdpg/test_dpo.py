@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fdpg_testing import PROMPTS, assert_same_metrics, read_jsonl, toy_scorer
+from fdpg_testing import PROMPTS, assert_same_metrics, read_jsonl, run_cli, toy_scorer
 
 from fdpg.config import TrainConfig
 from fdpg.preferences import (
@@ -244,17 +244,6 @@ def test_bad_settings_fail_before_any_model_is_loaded(tmp_path):
         TrainConfig(**base, preferences="task", pair_samples=1)
     with pytest.raises(ValueError, match="--algo must be one of fdpg, ppo, dpo"):
         TrainConfig(algo="grpo")
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    from fdpg.cli import main
-
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 SMALL = ["--batch_size", "4", "--samples_per_prompt", "2", "--max_new_tokens", "6", "--micro_batch_size", "4",
