@@ -227,3 +227,44 @@ def plot_training_curves(metrics: pd.DataFrame, columns: Sequence[str] = ("score
     if path is not None:
         fig.savefig(path, dpi=130)
     return fig
+
+
+def plot_pseudo_rewards(divergences: Iterable, path: str | Path | None = None,
+                        t_range: tuple[float, float] = (1e-2, 1e2), ylim: tuple[float, float] = (-5.0, 5.0),
+                        colours: Mapping | None = None, points: int = 401):
+    r"""The pseudo-reward :math:`-f'(t)` of each divergence against :math:`t = \pi(x)/p(x)` on a log axis (Go et al.
+    2023, Fig. 17): what f-DPG rewards a sample with, given how over- (t > 1) or under-represented (t < 1) it is
+    in the policy relative to the target. Computed from :mod:`objectives` (``get_divergence(name).f_prime`` on a
+    grid of :math:`\log t`), not read from runs; each legend entry gives :math:`-f'(\infty)`, the pseudo-reward of
+    a sample the target excludes (``-inf`` for reverse KL). ``divergences``: names (``rkl``, ``alpha:0.5``) or
+    :class:`objectives.Divergence` objects; ``colours``: name -> colour (default: the colorblind palette);
+    values beyond ``ylim`` are clipped by the axes."""
+    import torch
+
+    from objectives import get_divergence
+
+    items = [get_divergence(d) if isinstance(d, str) else d for d in divergences]
+    if not items:
+        raise ValueError("no divergence to draw")
+    log_t = torch.linspace(np.log(t_range[0]), np.log(t_range[1]), points, dtype=torch.float64)
+    t = torch.exp(log_t).numpy()
+    fallback = sns.color_palette("colorblind", n_colors=max(len(items), 1))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, divergence in enumerate(items):
+        reward = (-divergence.f_prime(log_t)).numpy()
+        limit = -divergence.f_prime_inf + 0.0  # + 0.0: no "-0"
+        shown = "−∞" if limit == -np.inf else "∞" if limit == np.inf else f"{limit:.3g}".replace("-", "−")
+        colour = (colours or {}).get(divergence.name, fallback[i % len(fallback)])
+        ax.plot(t, reward, color=colour, linewidth=1.8, label=f"{divergence.name}   (−f′(∞) = {shown})")
+    ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":")
+    ax.axhline(0.0, color="0.6", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_ylim(*ylim)
+    ax.set_xlabel("t = π(x) / p(x)")
+    ax.set_ylabel("pseudo-reward −f′(t)")
+    ax.set_title("pseudo-reward of each divergence (Go et al. 2023, Fig. 17)")
+    ax.legend(fontsize=8, title="divergence", title_fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=130)
+    return fig

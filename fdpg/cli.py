@@ -8,6 +8,8 @@
     fdpg eval --task sentiment --model RUN_DIR_OR_MODEL [--n 64]   metrics of a model or a run
     fdpg analyze runs/* --out report                               Pareto frontier and plots of runs
     fdpg sweep --grid "divergence=rkl,js seed=0,1" --output_dir sweeps/NAME [train flags]   one run per cell
+    fdpg bon --task sentiment --n 1,2,4,8,16 --output_dir runs      Best-of-n of the base model (reference points)
+    fdpg report runs/ --out report                                 HTML + Markdown report: frontiers, curves, tables
     fdpg divergences            list the registered f-divergences
     fdpg tasks                  list the tasks
     fdpg models prepare         dequantise the embedded default model once into the cache
@@ -344,28 +346,17 @@ def cmd_analyze(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     import pandas as pd
 
-    metrics = pd.concat([analysis.load_runs(p) for p in args.runs], ignore_index=True).drop_duplicates(["run", "step"])
-    points = analysis.final_points(metrics, last=args.last)
-    if args.source != "train":
-        dirs = list(dict.fromkeys(d for p in args.runs for d in analysis.run_dirs(p)))
-        evaluations = analysis.load_evaluations(dirs)
-        points = analysis.evaluated_points(points, evaluations, last=args.last)
-        if args.source == "eval":
-            points = points[points["source"].str.startswith("eval")].reset_index(drop=True)
-            if points.empty:
-                raise ValueError("--source eval: none of these runs has an eval.json (train with --eval_samples N)")
-        base = analysis.base_points(dirs)
-        if not base.empty:  # the base model's own point: every frontier starts at its origin (KL 0)
-            points = pd.concat([points, base], ignore_index=True)
+    scan = analysis.scan_runs(args.runs)
+    for line in scan.messages():
+        print(f"[fdpg analyze] {line}", file=sys.stderr)
+    if not scan.dirs:
+        raise FileNotFoundError(f"no loadable run in {' '.join(args.runs)}")
+    metrics = pd.concat([analysis.load_run(d) for d in scan.dirs], ignore_index=True)
+    points = analysis.frontier_points(scan.dirs, source=args.source, last=args.last, metrics=metrics)
     pooled = analysis.seed_points(points) if args.hue not in ("run", "seed") else points
-    x = args.x
-    if x is None:
-        exact = "kl_pi_a_exact"
-        x = exact if exact in points and points[exact].notna().all() else "kl_pi_a"
-        if exact in points and x != exact:
-            lacking = ", ".join(points.loc[points[exact].isna(), "run"])
-            print(f"x axis: kl_pi_a ({exact} not logged in the last {args.last} steps of {lacking}; "
-                  "raise --last or train with a smaller --exact_kl_every)")
+    x, y, note = analysis.frontier_axes(points, args.x, args.y, args.last)
+    if note:
+        print(note)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     points.to_csv(out / "points.csv", index=False)
@@ -373,14 +364,16 @@ def cmd_analyze(argv: Sequence[str]) -> int:
     if (pooled["n_runs"] > 1).any():
         pooled.to_csv(out / "seed_points.csv", index=False)
         written.append(out / "seed_points.csv")
-    y = args.y if args.y in points else next((c for c in points if c.startswith("score/")), args.y)
     # one colour per group, the same in both figures
     palette = analysis.hue_palette(points[args.hue]) if args.hue in points else None
     analysis.plot_pareto(pooled, x=x, y=y, hue=args.hue, palette=palette, path=out / "pareto.png")
-    curves = list(dict.fromkeys((y, x, "kl_pi_a", "d_f")))
-    analysis.plot_training_curves(metrics, columns=curves, hue=args.hue, palette=palette, smoothing=args.smoothing,
-                                  path=out / "curves.png")
-    written += [out / "pareto.png", out / "curves.png"]
+    written.append(out / "pareto.png")
+    trained = analysis.training_metrics(metrics)  # Best-of-n has no training curve
+    if not trained.empty:
+        curves = list(dict.fromkeys((y, x, "kl_pi_a", "d_f")))
+        analysis.plot_training_curves(trained, columns=curves, hue=args.hue, palette=palette,
+                                      smoothing=args.smoothing, path=out / "curves.png")
+        written.append(out / "curves.png")
     front = analysis.pareto_frontier(pooled, x=x, y=y)
     columns = ("run", args.hue, "beta", "n_runs", "final_step", "n_steps", x, f"{x}_se", y, f"{y}_se", "source")
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.precision", 4):
@@ -428,8 +421,20 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     return sweep(argv)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "sweep": cmd_sweep,
-            "divergences": cmd_divergences, "tasks": cmd_tasks, "models": cmd_models}
+def cmd_bon(argv: Sequence[str]) -> int:
+    from fdpg.report_cli import cmd_bon as bon
+
+    return bon(argv)
+
+
+def cmd_report(argv: Sequence[str]) -> int:
+    from fdpg.report_cli import cmd_report as report
+
+    return report(argv)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "sweep": cmd_sweep, "bon": cmd_bon,
+            "report": cmd_report, "divergences": cmd_divergences, "tasks": cmd_tasks, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
