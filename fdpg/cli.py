@@ -10,6 +10,9 @@
     fdpg sweep --grid "divergence=rkl,js seed=0,1" --output_dir sweeps/NAME [train flags]   one run per cell
     fdpg bon --task sentiment --n 1,2,4,8,16 --output_dir runs      Best-of-n of the base model (reference points)
     fdpg report runs/ --out report                                 HTML + Markdown report: frontiers, curves, tables
+    fdpg reward-model train --data RANKINGS --output_dir DIR ...   train a reward model R(prompt, response)
+    fdpg reward-model eval --model RUN [--data DATA] [--json]      pairwise accuracy and reward distribution
+    fdpg reward-collapse [--output_dir DIR --steps N]              the reward-collapse experiment (Song et al. 2023)
     fdpg divergences            list the registered f-divergences
     fdpg tasks                  list the tasks
     fdpg models prepare         dequantise the embedded default model once into the cache
@@ -433,8 +436,21 @@ def cmd_report(argv: Sequence[str]) -> int:
     return report(argv)
 
 
+def cmd_reward_model(argv: Sequence[str]) -> int:
+    from fdpg.reward_model_cli import cmd_reward_model as reward_model
+
+    return reward_model(argv)
+
+
+def cmd_reward_collapse(argv: Sequence[str]) -> int:
+    from fdpg.reward_model_cli import cmd_reward_collapse as reward_collapse
+
+    return reward_collapse(argv)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "sweep": cmd_sweep, "bon": cmd_bon,
-            "report": cmd_report, "divergences": cmd_divergences, "tasks": cmd_tasks, "models": cmd_models}
+            "report": cmd_report, "reward-model": cmd_reward_model, "reward-collapse": cmd_reward_collapse,
+            "divergences": cmd_divergences, "tasks": cmd_tasks, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

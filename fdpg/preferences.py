@@ -42,6 +42,17 @@ def load_preferences(source: str, split: str = "train"):
     """The ``datasets.Dataset`` of ``source``: a JSON/JSONL/CSV/Parquet file, a directory saved with
     ``save_to_disk`` (its ``split`` when it holds several) or a hub dataset name; rows are checked
     (:func:`check_preferences`)."""
+    data = load_dataset_source(source, split, flag="--preferences")
+    check_preferences(data, source)
+    return data
+
+
+def load_dataset_source(source: str, split: str = "train", flag: str = "--data",
+                        error: type[ValueError] = PreferenceDataError):
+    """The ``datasets.Dataset`` of ``source``, unchecked: a JSON/JSONL/CSV/Parquet file, a directory saved with
+    ``save_to_disk`` (its ``split`` when it holds several) or a hub dataset name (its ``split``). Errors name
+    ``flag`` and ``source``: an unknown file type, a file that does not parse (``error``), a name that is neither a
+    local path nor a dataset the hub or its cache has (``FileNotFoundError``), a missing split."""
     import datasets
 
     path = Path(source)
@@ -49,27 +60,26 @@ def load_preferences(source: str, split: str = "train"):
         if path.is_file():
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise PreferenceDataError(f"--preferences {source}: unknown file type {path.suffix!r}; use one of "
-                                          f"{', '.join(FILE_BUILDERS)} or a saved datasets directory")
+                raise error(f"{flag} {source}: unknown file type {path.suffix!r}; use one of "
+                            f"{', '.join(FILE_BUILDERS)} or a saved datasets directory")
             data = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.is_dir():
             data = datasets.load_from_disk(str(path))
         elif path.exists():
-            raise PreferenceDataError(f"--preferences {source}: exists but is neither a file nor a directory")
+            raise error(f"{flag} {source}: exists but is neither a file nor a directory")
         else:
             data = datasets.load_dataset(source, split=split)
-    except PreferenceDataError:
+    except error:
         raise
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"--preferences {source}: not a local file or directory, and not a dataset the hub "
+        raise FileNotFoundError(f"{flag} {source}: not a local file or directory, and not a dataset the hub "
                                 f"(or its cache) has: {exc}") from exc
     except Exception as exc:  # a parse error of the file's own format
-        raise PreferenceDataError(f"--preferences {source}: could not be read ({type(exc).__name__}: {exc})") from exc
+        raise error(f"{flag} {source}: could not be read ({type(exc).__name__}: {exc})") from exc
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise PreferenceDataError(f"--preferences {source}: has splits {sorted(data)}, not {split!r}")
+            raise error(f"{flag} {source}: has splits {sorted(data)}, not {split!r}")
         data = data[split]
-    check_preferences(data, source)
     return data
 
 

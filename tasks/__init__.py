@@ -14,6 +14,7 @@ from tasks.fine_grained import FineGrainedTask
 from tasks.gender import GenderTask
 from tasks.lexical import LexicalTask
 from tasks.professions import ProfessionsTask
+from tasks.reward_model import RewardModelTask
 from tasks.sentiment import SentimentTask
 from tasks.toxicity import ToxicityTask
 
@@ -42,7 +43,8 @@ def available_tasks() -> dict[str, str]:
     return {name: _TASKS[name].description for name in sorted(_TASKS)}
 
 
-for _task in (SentimentTask, LexicalTask, GenderTask, ProfessionsTask, CodeTask, ToxicityTask, FineGrainedTask):
+for _task in (SentimentTask, LexicalTask, GenderTask, ProfessionsTask, CodeTask, ToxicityTask, FineGrainedTask,
+              RewardModelTask):
     register_task(_task)
 
 __all__ = ["MissingDependencyError", "TargetFit", "Task", "TaskSpec", "available_tasks", "get_task", "register_task"]

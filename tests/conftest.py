@@ -119,6 +119,33 @@ ENUMERABLE_CHARACTERS = "ab"
 """The ordinary vocabulary of the enumerable model: with the 4 special tokens, 6 tokens in all."""
 
 
+def build_tiny_bert(tokenizer: PreTrainedTokenizerFast, directory: Path, seed: int = 0) -> Path:
+    """A 2-layer BERT encoder (no head; the reward-model tests add one) with a copy of ``tokenizer``, its text
+    pairs as ``<s> A </s> B </s>`` with segment ids 0 and 1, padded on the right."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer.save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B:1 </s>:1",
+        special_tokens=[("<s>", tokenizer.bos_token_id), ("</s>", tokenizer.eos_token_id)])
+    tokenizer.padding_side = "right"
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, type_vocab_size=2,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`build_tiny_bert` once per session."""
+    return build_tiny_bert(tiny_tokenizer, tmp_path_factory.mktemp("tiny_bert"))
+
+
 @pytest.fixture(scope="session")
 def enumerable_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-layer Llama over 6 tokens (the specials, ``a``, ``b``) whose completions of 2-3 tokens can all be
