@@ -31,10 +31,9 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 
-from fdpg.engine import OnlineTrainer, seed_for
+from fdpg.engine import EpochBatches, OnlineTrainer
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.preferences import TokenizedPairs, split_pairs
 from objectives import get_divergence
@@ -77,7 +76,7 @@ class DPOTrainer(OnlineTrainer):
         self.pad_id = policy.tokenizer.pad_token_id
         #: ``[N, 2]`` float64 reference log-probabilities of (chosen, rejected), set by :meth:`prepare_run`.
         self.reference_log_probs: torch.Tensor | None = None
-        self._epoch_orders: dict[int, list[int]] = {}
+        self.batches = EpochBatches(self.train_index, config.batch_size, config.seed)
 
     # ------------------------------------------------------------------ once per run
     def prepare_run(self) -> None:
@@ -119,18 +118,9 @@ class DPOTrainer(OnlineTrainer):
         return torch.cat(out).double()
 
     # ------------------------------------------------------------------ the step's pairs
-    def epoch_order(self, epoch: int) -> list[int]:
-        """The training pairs in the seeded order of ``epoch``."""
-        if epoch not in self._epoch_orders:
-            rng = np.random.default_rng(seed_for(self.config.seed, epoch, 3))
-            self._epoch_orders[epoch] = [self.train_index[i] for i in rng.permutation(len(self.train_index))]
-        return self._epoch_orders[epoch]
-
     def step_pairs(self, step: int) -> list[int]:
-        """The global batch of pair indices of ``step``: positions ``step * B .. (step + 1) * B`` of the epochs'
-        orders laid end to end."""
-        n, b = len(self.train_index), self.config.batch_size
-        return [self.epoch_order(i // n)[i % n] for i in range(step * b, (step + 1) * b)]
+        """The global batch of training pairs of ``step`` (:class:`fdpg.engine.EpochBatches`)."""
+        return self.batches.step(step)
 
     # ------------------------------------------------------------------ the loss
     def pair_losses(self, index: Sequence[int], grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -126,6 +126,28 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+class EpochBatches:
+    """Batches of a fixed dataset, epoch after epoch: each epoch a permutation of ``indices`` seeded by
+    (``seed``, epoch), laid end to end, step ``s`` taking positions ``s * B .. (s + 1) * B`` (an epoch's end runs
+    into the next one's start). The same steps give the same batches on every process and after a resume."""
+
+    def __init__(self, indices: Sequence[int], batch_size: int, seed: int) -> None:
+        self.indices, self.batch_size, self.seed = list(indices), batch_size, seed
+        self._orders: dict[int, list[int]] = {}
+
+    def order(self, epoch: int) -> list[int]:
+        """The indices in the seeded order of ``epoch``."""
+        if epoch not in self._orders:
+            rng = np.random.default_rng(seed_for(self.seed, epoch, 3))
+            self._orders[epoch] = [self.indices[i] for i in rng.permutation(len(self.indices))]
+        return self._orders[epoch]
+
+    def step(self, step: int) -> list[int]:
+        """The global batch of ``step`` (0-based)."""
+        n, b = len(self.indices), self.batch_size
+        return [self.order(i // n)[i % n] for i in range(step * b, (step + 1) * b)]
+
+
 class TrainingLoop:
     """The loop every fdpg trainer shares (the online algorithms, DPO, reward models): run directory, one
     ``metrics.jsonl`` line per step, checkpoints every ``save_every`` steps (the trainable weights, optimizer,

@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fdpg.engine import TrainingLoop, requested_trackers, seed_for
+from fdpg.engine import EpochBatches, TrainingLoop, requested_trackers
 from fdpg.rankings import EncodedRankings, RankingDataError, Rankings, encode_rankings, ranking_pairs, split_by_prompt
 from fdpg.run_log import RunLog
 from objectives.utilities import BoundedUtility, Linear, PromptAwareUtility, Utility, get_utility, ranking_loss
@@ -406,23 +406,14 @@ class RewardModelTrainer(TrainingLoop):
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.model.eval()
         self.init_loop()
-        self._epoch_orders: dict[int, list[int]] = {}
+        self.batches = EpochBatches(self.train_index, config.batch_size, config.seed)
         self._heldout: dict[str, Any] | None = None
         self._last_heldout: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the step's rankings
-    def epoch_order(self, epoch: int) -> list[int]:
-        """The training rankings in the seeded order of ``epoch``."""
-        if epoch not in self._epoch_orders:
-            rng = np.random.default_rng(seed_for(self.config.seed, epoch, 3))
-            self._epoch_orders[epoch] = [self.train_index[i] for i in rng.permutation(len(self.train_index))]
-        return self._epoch_orders[epoch]
-
     def step_rankings(self, step: int) -> list[int]:
-        """The global batch of ranking indices of ``step``: positions ``step * B .. (step + 1) * B`` of the epochs'
-        orders laid end to end."""
-        n, b = len(self.train_index), self.config.batch_size
-        return [self.epoch_order(i // n)[i % n] for i in range(step * b, (step + 1) * b)]
+        """The global batch of training rankings of ``step`` (:class:`fdpg.engine.EpochBatches`)."""
+        return self.batches.step(step)
 
     # ------------------------------------------------------------------ rewards and the loss
     def _unwrapped(self) -> torch.nn.Module:
