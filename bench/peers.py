@@ -166,8 +166,9 @@ def main() -> None:
             results[name]["peak_rss_mb"] = max(results[name]["peak_rss_mb"], res["peak_rss_mb"])
     out: dict = {"bench": "peers", "workload": "W-full" if args.full else "W", "mixed_precision": args.mixed_precision}
     for name, res in results.items():
-        calm = [k for k, o in enumerate(res["others"]) if o < common.QUIET] or list(range(len(res["times"])))
-        out[name] = {"steps_quiet": f"{len(calm)}/{len(res['times'])}",  # medians over the quiet steps
+        quiet = [k for k, o in enumerate(res["others"]) if o < common.QUIET]
+        calm = quiet or list(range(len(res["times"])))  # medians over the quiet steps (all when none was)
+        out[name] = {"steps_quiet": f"{len(quiet)}/{len(res['times'])}",
                      **common.summarise([res["times"][k] for k in calm], [res["tokens"][k] for k in calm]),
                      "peak_rss_mb": res["peak_rss_mb"]}
     if "fdpg" in out:
