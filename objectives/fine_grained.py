@@ -418,15 +418,25 @@ class FineGrainedReward:
     def totals(self, texts: Sequence[str], dtype: torch.dtype = torch.float64) -> torch.Tensor:
         r"""``[B]`` :math:`r(y) = \sum_k w_k \sum_j R_{kj}` from the texts alone (no tokens: the placement does not
         change the total); equal to :attr:`FineGrainedResult.total` of the same completions."""
+        return self.totals_by_component(texts, dtype)[0]
+
+    def totals_by_component(self, texts: Sequence[str], dtype: torch.dtype = torch.float64
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r"""From one scoring of the texts: :meth:`totals`, and per component its *unweighted* total
+        :math:`\sum_j R_{kj}` (``[B]`` each; the task metrics of the components)."""
         texts = list(texts)
         no_tokens: list[list[int]] = [[] for _ in texts]
-        pending = [self._collect(c, texts, no_tokens) for c in self.components]
         per_row: list[list[float]] = [[] for _ in texts]
-        for component, p in zip(self.components, pending):
-            for b, value in zip(p.rows, _scored(component, p)):
+        components: dict[str, list[list[float]]] = {}
+        for component in self.components:
+            pending = self._collect(component, texts, no_tokens)
+            raw = components[component.name] = [[] for _ in texts]
+            for b, value in zip(pending.rows, _scored(component, pending)):
                 per_row[b].append(component.weight * value)
-        totals = [math.fsum(values) for values in per_row]
-        return torch.tensor(totals, dtype=dtype)
+                raw[b].append(value)
+        totals = torch.tensor([math.fsum(values) for values in per_row], dtype=dtype)
+        return totals, {name: torch.tensor([math.fsum(v) for v in rows], dtype=dtype)
+                        for name, rows in components.items()}
 
     @staticmethod
     def _collect(component: Component, texts: list[str], char_ends: list[list[int]]) -> _Pending:

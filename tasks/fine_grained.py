@@ -135,13 +135,11 @@ class FineGrainedTask(Task):
         _vader()  # fail early, with the install command, if VADER is missing
         n = opts["ngram"]
         reward = fine_grained_reward(weights["sentiment"], weights["repetition"], weights["completeness"], n)
-        # One unit-weight reward per component: its unweighted total is a metric-only feature.
-        parts = {c.name: FineGrainedReward([c]) for c in components(dict.fromkeys(COMPONENTS, 1.0), n)}
 
         def scorer(completions: list[str], prompts: list[str]) -> dict[str, torch.Tensor]:
-            features = {"reward": reward.totals(completions)}
-            features.update({name: part.totals(completions) for name, part in parts.items()})
-            return features
+            # One scoring of the segments: the total, and each component's unweighted total (metric-only features).
+            total, parts = reward.totals_by_component(completions)
+            return {"reward": total, **parts}
 
         return TaskSpec(
             prompts=list(prompts) if prompts else list(DEFAULT_PROMPTS),

@@ -211,6 +211,9 @@ def test_increments_split_a_holistic_prefix_score_and_totals_need_no_tokens(bpe)
     assert [s.score for s in result.segments[0]] == [29.0 ** 2, len(TWO_SENTENCES) ** 2 - 29.0 ** 2]
     torch.testing.assert_close(result.total, -torch.tensor([len(t) ** 2 for t in texts], dtype=torch.float64))
     torch.testing.assert_close(reward.totals(texts), result.total)
+    total, parts = reward.totals_by_component(texts)  # the weighted total and each component's unweighted one
+    torch.testing.assert_close(total, result.total)
+    torch.testing.assert_close(parts["grow"], -result.total)
     plain = FineGrainedReward([Component("grow", "sentence", squares, weight=-1.0, reads="prefix")])
     assert float(plain.totals(texts)[0]) == -(29.0 ** 2 + len(TWO_SENTENCES) ** 2)
     with pytest.raises(ObjectiveError, match="needs reads='prefix'"):
