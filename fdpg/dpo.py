@@ -26,7 +26,6 @@ runs no reference pass. Then each step:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -165,10 +164,7 @@ class DPOTrainer(OnlineTrainer):
         parts: list[tuple[torch.Tensor, ...]] = []
         tokens = 0
         with self.timed("backward"):
-            n_micro = math.ceil(len(index) / cfg.micro_batch_size)
-            for i in range(n_micro):
-                micro = index[i * cfg.micro_batch_size:(i + 1) * cfg.micro_batch_size]
-                sync = nullcontext() if i == n_micro - 1 else acc.no_sync(self.model)
+            for micro, sync in self.accumulation(index):
                 with sync:
                     losses, log_ratio_w, log_ratio_l = self.pair_losses(micro, grad=True)
                     acc.backward(losses.sum() / self.local_batch)

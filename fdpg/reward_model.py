@@ -57,7 +57,6 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -480,10 +479,7 @@ class RewardModelTrainer(TrainingLoop):
         local = index[lo:lo + self.local_batch]
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         with self.timed("backward"):
-            n_micro = math.ceil(len(local) / cfg.micro_batch_size)
-            for m in range(n_micro):
-                groups = local[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]
-                sync = nullcontext() if m == n_micro - 1 else acc.no_sync(self.model)
+            for groups, sync in self.accumulation(local):
                 with sync:
                     rewards, diff, sum_u = self.micro_batch(groups)
                     loss = -sum_u / n_pairs
