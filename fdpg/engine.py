@@ -468,6 +468,8 @@ class OnlineTrainer(TrainingLoop):
         self.log_z = LogZEstimator(config.log_z, config.log_z_window)
         #: Frozen weights to sample from instead of the current ones (DPG's off-policy proposal), or ``None``.
         self.proposal: dict[str, torch.Tensor] | None = None
+        #: Whether sampling keeps the last layer's hidden states (``SampleBatch.final_hidden``; PPO's value head).
+        self.record_hidden = False
         self.init_loop()
         self._last_samples: dict[str, Any] | None = None
         self._tokens_this_step = 0
@@ -581,7 +583,8 @@ class OnlineTrainer(TrainingLoop):
             for lo in range(start, start + self.local_batch, self.chunk):
                 chunks.append(sample_completions(
                     model, self.policy.tokenizer, prompts[lo:lo + self.chunk], cfg.max_new_tokens,
-                    seed=seed_for(cfg.seed, step, 2, lo), temperature=cfg.temperature, top_p=cfg.top_p))
+                    seed=seed_for(cfg.seed, step, 2, lo), temperature=cfg.temperature, top_p=cfg.top_p,
+                    record_hidden=self.record_hidden))
         return SampleBatch.concat(chunks, self.policy.tokenizer.pad_token_id)
 
     @torch.inference_mode()

@@ -7,7 +7,9 @@ reference pass, run directory, checkpoints and metric names as f-DPG. It maximis
 
 1. sample completions from :math:`\pi_{old} = \pi_\theta`, recording :math:`\log\pi_{old}(y_t\mid s_t)` per token;
 2. score them with the task (the reward feature :math:`r`), and :math:`\log a(y_t\mid s_t)` from the reference;
-3. the critic's values :math:`V_{old}(s_t)` in one no-grad pass (a value head on the policy's backbone by default);
+3. the critic's values :math:`V_{old}(s_t)`: the value head (on the policy's backbone, the default) applied to the
+   hidden states that sampling computed (the weights are those of :math:`\pi_{old}`), or one no-grad pass of a
+   separate value model;
 4. per-token rewards: :math:`r` on each completion's last real token (after the optional EOS penalty, running
    normalisation and clipping), or the task's fine-grained segment rewards on the tokens that end the segments,
    minus :math:`\beta\,\widehat{KL}_t` (k1, k2 or k3; or the KL in the loss instead);
@@ -20,6 +22,7 @@ reference pass, run directory, checkpoints and metric names as f-DPG. It maximis
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Mapping
@@ -74,6 +77,8 @@ class PPOTrainer(OnlineTrainer):
                               if config.target_kl is not None else FixedKLController(config.beta))
         self.reward_moments = RunningMoments()
         self.eos_ids = eos_token_ids(self._unwrapped(), policy.tokenizer)
+        # A value head on the policy reads the hidden states sampling computes anyway: no old-values pass.
+        self.record_hidden = config.critic == "policy_head"
 
     # ------------------------------------------------------------------ the critic and the state
     def build_extra_modules(self) -> dict[str, torch.nn.Module]:
@@ -112,9 +117,16 @@ class PPOTrainer(OnlineTrainer):
 
     @torch.no_grad()
     def old_values(self, batch: SampleBatch) -> torch.Tensor:
-        """``[B, T]`` float64 :math:`V_{old}(s_t)` before the update (zeros without a critic)."""
+        """``[B, T]`` float64 :math:`V_{old}(s_t)` before the update (zeros without a critic): the value head of the
+        sampling pass's hidden states (:attr:`SampleBatch.final_hidden`) when they were recorded, else a forward."""
         if self.config.critic == "none":
             return torch.zeros(batch.completion_mask.shape, dtype=torch.float64)
+        if batch.final_hidden is not None:
+            head = self.extra_modules["value_head"]
+            device = next(head.parameters()).device
+            with self.accelerator.autocast():
+                values = head(batch.final_hidden.to(device)) * batch.completion_mask.to(device)
+            return values.double().cpu()
         out = []
         width = batch.completion_ids.shape[1]
         with self.accelerator.autocast():
@@ -163,6 +175,7 @@ class PPOTrainer(OnlineTrainer):
         batch, features, token_log_a = self.rollout(step)  # samples, scores, log a per token
         with self.timed("values"):
             old_values = self.old_values(batch)
+        batch = dataclasses.replace(batch, final_hidden=None)  # read; not carried into the minibatches
 
         with self.timed("bookkeeping"):
             mask = batch.completion_mask.double()

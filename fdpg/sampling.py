@@ -54,6 +54,8 @@ class SampleBatch:
             sampled it (0 where masked).
         token_log_pi: ``[B, T]`` the same under the unprocessed model distribution :math:`\pi` of the
             sampling weights (equal to ``token_log_q`` for pure sampling).
+        final_hidden: ``[B, T, D]`` the last layer's hidden state :math:`h_t` that predicted each completion
+            token during sampling (0 where masked), when it was asked for (``record_hidden``); else ``None``.
     """
 
     prompts: list[str]
@@ -64,6 +66,7 @@ class SampleBatch:
     texts: list[str]
     token_log_q: torch.Tensor
     token_log_pi: torch.Tensor
+    final_hidden: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -82,12 +85,16 @@ class SampleBatch:
 
     def slice(self, start: int, stop: int) -> SampleBatch:
         """Rows ``start:stop``, trimmed of all-padding columns (less work in the forward pass)."""
-        return self._trimmed({f.name: getattr(self, f.name)[start:stop] for f in fields(self)}, stop > start)
+        rows = {f.name: getattr(self, f.name) for f in fields(self)}
+        return self._trimmed({k: None if v is None else v[start:stop] for k, v in rows.items()}, stop > start)
 
     def rows(self, index: torch.Tensor) -> SampleBatch:
         """The rows ``index`` (a 1-d tensor of row numbers, in that order), trimmed like :meth:`slice`."""
-        picked = {f.name: getattr(self, f.name)[index] if torch.is_tensor(getattr(self, f.name))
-                  else [getattr(self, f.name)[int(i)] for i in index] for f in fields(self)}
+        def pick(value):
+            if value is None or torch.is_tensor(value):
+                return None if value is None else value[index]
+            return [value[int(i)] for i in index]
+        picked = {f.name: pick(getattr(self, f.name)) for f in fields(self)}
         return self._trimmed(picked, len(index) > 0)
 
     @staticmethod
@@ -97,8 +104,9 @@ class SampleBatch:
         for name in ("prompt_ids", "prompt_mask"):
             rows[name] = rows[name][:, first:]
         width = max(int(rows["completion_mask"].sum(-1).max()), 1) if nonempty else 1
-        for name in ("completion_ids", "completion_mask", "token_log_q", "token_log_pi"):
-            rows[name] = rows[name][:, :width]
+        for name in ("completion_ids", "completion_mask", "token_log_q", "token_log_pi", "final_hidden"):
+            if rows[name] is not None:
+                rows[name] = rows[name][:, :width]
         return SampleBatch(**rows)
 
     @staticmethod
@@ -124,6 +132,8 @@ class SampleBatch:
             texts=[s for b in batches for s in b.texts],
             token_log_q=torch.cat([right(b.token_log_q, 0.0) for b in batches]),
             token_log_pi=torch.cat([right(b.token_log_pi, 0.0) for b in batches]),
+            final_hidden=None if any(b.final_hidden is None for b in batches)
+            else torch.cat([F.pad(b.final_hidden, (0, 0, 0, t - b.final_hidden.shape[1])) for b in batches]),
         )
 
 
@@ -263,19 +273,28 @@ def sample_completions(
     seed: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    record_hidden: bool = False,
 ) -> SampleBatch:
-    """Sample one completion per prompt with a seeded ``generate`` call; see the module docstring."""
+    """Sample one completion per prompt with a seeded ``generate`` call; see the module docstring.
+
+    With ``record_hidden`` the batch also keeps ``final_hidden``, the last layer's hidden state at each decode step
+    (what a value head on the policy reads: PPO's :math:`V_{old}(s_t)` then needs no second forward pass). It
+    equals the training forward's :math:`h_t` up to the rounding of the cached, (oneDNN-)merged decode.
+    """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     eos = eos_token_ids(model, tokenizer)
     config = pure_sampling_config(max_new_tokens, tokenizer.pad_token_id, eos)
+    if record_hidden:
+        config.output_hidden_states = config.return_dict_in_generate = True
     draw = DrawAndRecord(temperature, top_p)
     devices = [device] if device.type == "cuda" else []
     fast_linears = onednn_linears(model, prepack_rows=len(prompts))
     with torch.random.fork_rng(devices=devices), torch.inference_mode(), fast_linears:
         torch.manual_seed(seed)
-        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                                   logits_processor=LogitsProcessorList([draw]))
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                             logits_processor=LogitsProcessorList([draw]))
+    sequences = out.sequences if record_hidden else out
     # Clone out of inference mode: these tensors later index the training forward pass.
     completion_ids = sequences[:, prompt_ids.shape[1]:].clone()
     mask = completion_mask_from_eos(completion_ids, eos)
@@ -284,5 +303,9 @@ def sample_completions(
         token_log_q = token_log_pi
     texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask),
                                    skip_special_tokens=True)
+    hidden = None
+    if record_hidden:  # per decode step, the last layer's states; the last position is the one that predicted
+        hidden = torch.stack([layers[-1][:, -1] for layers in out.hidden_states], dim=1).float().clone()
+        hidden = F.pad(hidden, (0, 0, 0, completion_ids.shape[1] - hidden.shape[1])) * mask[..., None]
     return SampleBatch(list(prompts), prompt_ids, prompt_mask, completion_ids, mask, texts,
-                       token_log_q.float(), token_log_pi.float())
+                       token_log_q.float(), token_log_pi.float(), hidden)

@@ -13,6 +13,7 @@ r"""PPO on the shared engine: a special case of f-DPG on the exact enumerable mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -142,6 +143,22 @@ def test_ppo_resume_reproduces_the_uninterrupted_run(tiny_model_dir: Path, tmp_p
         assert_same_metrics(g, w)
     assert_same_state(trainable_state(resumed), trainable_state(reference))
     assert resumed.kl_controller.value == pytest.approx(reference.kl_controller.value, rel=1e-12)
+
+
+def test_old_values_from_the_sampling_pass_equal_a_forward_pass(make_trainer) -> None:
+    """The value head read from sampling's hidden states (no second pass) is the value of a full forward pass."""
+    trainer = make_trainer(algo="ppo", steps=1, lora_r=4, batch_size=8, generation_batch_size=4, micro_batch_size=3,
+                           max_new_tokens=7)
+    assert trainer.record_hidden
+    with torch.no_grad():
+        torch.nn.init.normal_(trainer.extra_modules["value_head"].linear.weight, std=1.0)
+    batch = trainer.sample(0)
+    assert batch.final_hidden is not None and batch.final_hidden.shape[:2] == batch.completion_ids.shape
+    from_sampling = trainer.old_values(batch)
+    from_forward = trainer.old_values(dataclasses.replace(batch, final_hidden=None))
+    assert float(from_forward.abs().max()) > 0.1
+    torch.testing.assert_close(from_sampling, from_forward, atol=1e-4, rtol=1e-4)
+    assert bool((from_sampling[batch.completion_mask == 0] == 0).all())
 
 
 def test_ppo_with_a_separate_value_model(make_trainer, tiny_model_dir: Path) -> None:
