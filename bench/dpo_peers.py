@@ -49,6 +49,9 @@ worker reads the model's own flag during the steps (``settings.model_checkpointi
   batches of ``per_device_train_batch_size``, timed as ``reference_once_s``), checkpointing as shipped;
 - ``trl-precompute-nogc``: both: the same arithmetic per step as fdpg (no reference pass, no recomputation).
 
+fdpg variants: ``fdpg`` (no activation checkpointing, fdpg's default) and ``fdpg-ac`` (``activation_checkpointing=1``:
+every decoder layer recomputed in backward, as TRL's default).
+
 Step time = ``on_step_begin`` to ``on_step_end`` of a TrainerCallback: the gradient-accumulation micro-batches'
 forward/backward (and, without precompute, their reference forwards), clipping, the optimizer and scheduler
 steps. It excludes the collation of the step's batches (TRL's ``get_batch_samples`` runs before
@@ -64,7 +67,7 @@ loss (``first_loss``: ln 2 = 0.6931 on both sides, since LoRA starts at the refe
 the ratios fdpg/TRL of pairs/s and of peak RSS; and ``common.footer``.
 
     python bench/dpo_peers.py [--rounds 2] [--steps 5] [--warmup 1] [--pairs 64] [--micro_batch 8]
-                              [--frameworks fdpg,trl,trl-nogc,trl-precompute,trl-precompute-nogc] [--no_wait]
+                              [--frameworks fdpg,fdpg-ac,trl,trl-nogc,trl-precompute,trl-precompute-nogc] [--no_wait]
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ RESPONSE_TOKENS = 48
 TEXT_MODULES = ("statistics", "json", "argparse", "re", "sys", "csv", "unittest", "itertools", "subprocess", "heapq",
                 "copy", "io", "urllib.parse", "os", "inspect", "typing", "sqlite3", "tempfile", "difflib", "random",
                 "collections", "string", "pprint", "pickle", "struct", "socket")
-FRAMEWORKS = ("fdpg", "trl", "trl-nogc", "trl-precompute", "trl-precompute-nogc")
+FRAMEWORKS = ("fdpg", "fdpg-ac", "trl", "trl-nogc", "trl-precompute", "trl-precompute-nogc")
 
 
 # ---------------------------------------------------------------------------------------------------- the pairs
@@ -140,7 +143,7 @@ def check_lengths(name: str, lengths: list[int]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- fdpg
-def run_fdpg(steps: int, warmup: int, n_pairs: int, micro: int) -> dict:
+def run_fdpg(steps: int, warmup: int, n_pairs: int, micro: int, activation_checkpointing: int = 0) -> dict:
     import datasets
     import torch
 
@@ -158,7 +161,8 @@ def run_fdpg(steps: int, warmup: int, n_pairs: int, micro: int) -> dict:
             learning_rate=LR, lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
             mixed_precision="no", batch_size=BATCH_PAIRS, micro_batch_size=micro, steps=warmup + steps,
             eval_every=0, eval_samples=0, exact_kl_every=0, heldout_fraction=0.0, progress=False,
-            log_samples_every=0, save_every=10**9, seed=0, output_dir=os.path.join(out_dir, "run"))
+            log_samples_every=0, save_every=10**9, seed=0, output_dir=os.path.join(out_dir, "run"),
+            activation_checkpointing=activation_checkpointing)
         torch.manual_seed(0)
         policy = Policy.from_pretrained(MODEL, lora=LoraSettings(LORA_R, LORA_ALPHA, 0.0, LORA_TARGETS))
         rows = build_rows(policy.tokenizer, n_pairs)
@@ -191,7 +195,7 @@ def run_fdpg(steps: int, warmup: int, n_pairs: int, micro: int) -> dict:
                 times.append(elapsed)
                 others.append(busy)
         settings = {"micro_batch_size": config.micro_batch_size, "batch_size": config.batch_size,
-                    "gradient_checkpointing": False, "reference": "once (precomputed)"}
+                    "activation_checkpointing": config.activation_checkpointing, "reference": "once (precomputed)"}
         return {"times": times, "others": others, "reference_once_s": reference_once, "first_loss": first_loss,
                 "response_tokens": [min(lengths), max(lengths)],
                 "prompt_tokens": [min(map(len, pairs.prompt_ids)), max(map(len, pairs.prompt_ids))],
@@ -303,8 +307,9 @@ def worker(args) -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    if args.worker == "fdpg":
-        res = run_fdpg(args.steps, args.warmup, args.pairs, args.micro_batch)
+    if args.worker.startswith("fdpg"):
+        res = run_fdpg(args.steps, args.warmup, args.pairs, args.micro_batch,
+                       activation_checkpointing=int(args.worker == "fdpg-ac"))
     else:
         res = run_trl(args.worker, args.steps, args.warmup, args.pairs, args.micro_batch)
     res["peak_rss_mb"] = round(common.peak_rss_mb(), 1)
@@ -351,7 +356,7 @@ def main() -> None:
     unknown = [n for n in names if n not in FRAMEWORKS]
     if unknown or not names:
         raise SystemExit(f"--frameworks: unknown {unknown}; choose among {', '.join(FRAMEWORKS)}")
-    if any(n != "fdpg" for n in names) and importlib.util.find_spec("trl") is None:
+    if any(not n.startswith("fdpg") for n in names) and importlib.util.find_spec("trl") is None:
         raise SystemExit("TRL is not installed: `.venv/bin/pip install -e '.[bench]'` (or --frameworks fdpg)")
     if not args.no_wait:
         common.wait_quiet()
@@ -386,11 +391,10 @@ def main() -> None:
                  "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps}
     for name, res in results.items():
         out[name] = summarise(res)
-    if "fdpg" in out:
-        for peer in names:
-            if peer != "fdpg":
-                out[f"pairs_per_s_fdpg_over_{peer}"] = round(out["fdpg"]["pairs_per_s"] / out[peer]["pairs_per_s"], 3)
-                out[f"peak_rss_fdpg_over_{peer}"] = round(out["fdpg"]["peak_rss_mb"] / out[peer]["peak_rss_mb"], 3)
+    for mine in (n for n in names if n.startswith("fdpg")):
+        for peer in (n for n in names if not n.startswith("fdpg")):
+            out[f"pairs_per_s_{mine}_over_{peer}"] = round(out[mine]["pairs_per_s"] / out[peer]["pairs_per_s"], 3)
+            out[f"peak_rss_{mine}_over_{peer}"] = round(out[mine]["peak_rss_mb"] / out[peer]["peak_rss_mb"], 3)
     try:
         import transformers
         import trl

@@ -67,6 +67,10 @@ class TrainConfig:
         "help": "Completions per forward/backward pass (gradient accumulation within a step). The saved "
                 "activations grow with it (~1.7 GB for 16 x 56 tokens of a 135M model); 8 halves them at "
                 "the same speed on CPU."})
+    activation_checkpointing: int = field(default=0, metadata={
+        "help": "Recompute the activations of every n-th decoder layer in backward instead of keeping them "
+                "(0: off, 1: every layer): less peak memory for one more forward of those layers per training "
+                "pass; the gradient is the same up to rounding. Sampling and reference passes are unaffected."})
     max_new_tokens: int = field(default=32, metadata={"help": "Completion length limit."})
     temperature: float = field(default=1.0, metadata={
         "help": "Sampling temperature; != 1 makes the proposal differ from pi (importance-corrected)."})
@@ -196,6 +200,9 @@ class TrainConfig:
         if not isinstance(self.eval_samples, int) or self.eval_samples < 0:
             raise ValueError(f"--eval_samples must be a non-negative integer (0: no evaluation), got "
                              f"{self.eval_samples!r}")
+        if not isinstance(self.activation_checkpointing, int) or self.activation_checkpointing < 0:
+            raise ValueError(f"--activation_checkpointing must be a non-negative integer (0: off, n: every n-th "
+                             f"decoder layer), got {self.activation_checkpointing!r}")
         if not isinstance(self.exact_kl_every, int) or self.exact_kl_every < 0:
             raise ValueError(f"--exact_kl_every must be a non-negative integer (0: never), got {self.exact_kl_every!r}")
         if self.fit_samples is not None and (not isinstance(self.fit_samples, int) or self.fit_samples < 1):

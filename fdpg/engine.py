@@ -451,6 +451,9 @@ class OnlineTrainer(TrainingLoop):
         self.policy = policy
         self._check_prompt_lengths()
 
+        if config.activation_checkpointing:
+            policy.checkpoint_activations(config.activation_checkpointing)
+
         torch.manual_seed(config.seed)
         #: The algorithm's own trainable modules (a value head, ...), trained and checkpointed with the policy.
         self.extra_modules: dict[str, torch.nn.Module] = self.build_extra_modules()

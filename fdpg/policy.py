@@ -85,6 +85,30 @@ class Policy:
             self._reference = reference.requires_grad_(False).eval()
         self.model = model.eval()
 
+    def checkpoint_activations(self, every_n_layers: int = 1) -> None:
+        """Recompute every ``every_n_layers``-th decoder layer's activations in backward instead of keeping them.
+
+        Through transformers' ``activation_checkpointing_enable`` (``torch.utils.checkpoint``, non-reentrant): the
+        backward runs those layers' forward once more, so the gradient is the same up to rounding (no dropout).
+        transformers checkpoints a layer only when it is in training mode with gradients on; the policy stays in
+        eval mode (dropout off), so only the checkpointed layers' own ``training`` flag is set, not their
+        children's: passes without gradients (sampling, reference, scoring) run as before.
+        """
+        from peft import PeftModel
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise ValueError(f"--activation_checkpointing: {type(base).__name__} does not support activation "
+                             "checkpointing in transformers; run without it (0)")
+        base.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
+        layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        if not layers:
+            raise ValueError(f"--activation_checkpointing: {type(base).__name__} has no checkpointable decoder "
+                             "layers; run without it (0)")
+        for layer in layers:
+            layer.training = True
+
     @classmethod
     def from_pretrained(
         cls,
