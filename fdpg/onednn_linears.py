@@ -27,6 +27,8 @@ from contextlib import contextmanager
 
 import torch
 
+from fdpg.cast_linears import autocast_dtype, cast_once_linears
+
 
 def onednn_packing_available() -> bool:
     """Whether this torch build has oneDNN and the private linear ops used here."""
@@ -109,8 +111,11 @@ def onednn_linears(model: torch.nn.Module, prepack_rows: int | None) -> Iterator
     that many rows on entry (other row counts, such as the prompt's prefill, work too). ``None``: the weights
     are used as they are, for passes with many rows (the reference log-probs, no copy).
 
+    Under autocast (``--mixed_precision bf16``, on any device) the block is :func:`fdpg.cast_linears.cast_once_linears`
+    instead: the linear layers multiply by weights cast to bf16 once on entry, the same arithmetic as autocast's.
+
     Yields the number of layers patched: 0 (nothing changed) where gradients are enabled (the oneDNN op has no
-    backward), under autocast, without oneDNN, or for a model with no such layer. Left as they are:
+    backward), without oneDNN, or for a model with no such layer. Left as they are:
     ``nn.Linear`` layers with hooks or of other dtypes or devices, other layer types (GPT-2's ``Conv1D``), the
     adapters' own ``A`` and ``B``, and LoRA layers that are disabled, merged, DoRA or with live dropout (their
     base layer alone goes through oneDNN). On exit every forward is restored and the packed copies are freed.
@@ -118,6 +123,10 @@ def onednn_linears(model: torch.nn.Module, prepack_rows: int | None) -> Iterator
     Blocks nest: an inner block leaves the layers an enclosing one replaced alone (and yields 0 for a model the
     enclosing block covers), so a caller that samples in chunks packs once around its loop, not once a chunk.
     """
+    if not torch.is_grad_enabled() and autocast_dtype(model) not in (None, torch.float32):
+        with cast_once_linears(model) as n:  # --mixed_precision: the weights cast to bf16 once, not per call
+            yield n
+        return
     if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not onednn_packing_available():
         yield 0
         return

@@ -120,20 +120,22 @@ def exact_prompt(trainer, prompt: str, with_proposal: bool = True) -> ExactPromp
     completions = all_completions(len(tokenizer), eos, cfg.max_new_tokens)
     batch = enumerated_batch(tokenizer, prompt, completions)
     assert torch.equal(completion_mask_from_eos(batch.completion_ids, eos), batch.completion_mask)
+    # Under --mixed_precision every pass is in the trainer's precision: the exact values are those of that policy.
     # log q first: swapping in the proposal's weights (in place) must not touch the graph of log pi.
-    if cfg.off_policy and with_proposal:
-        trainer._swap_params(trainer.proposal)
-        try:
-            log_q = _token_log_q(model, batch, cfg.temperature, cfg.top_p)
-        finally:
+    with trainer.accelerator.autocast():
+        if cfg.off_policy and with_proposal:
             trainer._swap_params(trainer.proposal)
-    else:
-        log_q = _token_log_q(model, batch, cfg.temperature, cfg.top_p)
-    log_pi = completion_token_log_probs(model, batch).double().sum(-1)
+            try:
+                log_q = _token_log_q(model, batch, cfg.temperature, cfg.top_p)
+            finally:
+                trainer._swap_params(trainer.proposal)
+        else:
+            log_q = _token_log_q(model, batch, cfg.temperature, cfg.top_p)
+        log_pi = completion_token_log_probs(model, batch).double().sum(-1)
+        with torch.no_grad(), trainer.policy.reference(model) as reference:
+            log_a = completion_token_log_probs(reference, batch).double().sum(-1)
     total = float(torch.logsumexp(log_pi.detach(), 0))
     assert abs(total) < 1e-5, f"the enumeration misses mass: log sum pi = {total}"
-    with torch.no_grad(), trainer.policy.reference(model) as reference:
-        log_a = completion_token_log_probs(reference, batch).double().sum(-1)
     features = checked_features(trainer.target, trainer.scorer(batch.texts, batch.prompts), len(batch))
     log_P = trainer.target.log_P(log_a, features)
     return ExactPrompt(prompt, batch, log_pi, log_a, log_P.double(), log_q, features)

@@ -1,0 +1,85 @@
+r"""Linear layers whose weights are cast once, for the no-grad passes under autocast (``--mixed_precision bf16``).
+
+Under ``torch.autocast`` every linear layer :math:`y = x W^\top + c` casts :math:`x`, :math:`W` and :math:`c` to
+the low-precision dtype (bf16) and multiplies in it. autocast caches the cast only of leaf tensors that require
+a gradient, so the frozen weights (all of them but the adapter's with LoRA, every one in the reference pass) are
+cast again at every call: a decode step of ``generate`` re-reads all the fp32 weights and writes their bf16
+copies, 48 times for a 48-token completion, which costs more than the bf16 product saves.
+
+Inside :func:`cast_once_linears` each plain ``nn.Linear`` (a LoRA layer's base layer and its ``A`` and ``B``
+included, unmerged) multiplies by a bf16 copy of its weight made once on entry. The arithmetic is autocast's
+own, :math:`\mathrm{bf16}(x)\,\mathrm{bf16}(W)^\top + \mathrm{bf16}(c)` through the same ``F.linear``, and
+everything else (norms, softmax, the residual stream) still runs as autocast runs it, so a no-grad pass inside the
+block computes the same function as the training forward under autocast, to the summation order of the kernels:
+the samples' recorded :math:`\log q` is :math:`\log\pi_\theta` of the bf16 policy that is trained. (Merging LoRA
+into :math:`W` in bf16, as the fp32 path does, would round :math:`W + BA` once and make :math:`q` another function
+than the trained :math:`\pi`; it is not done.)
+
+The copies live only inside the block (the weights must not change inside it) and take half the memory of the
+fp32 weights; the fp32 master weights and the optimizer are untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+
+def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype autocast computes in for ``model``'s device right now (``None`` when autocast is off there)."""
+    try:
+        device_type = next(model.parameters()).device.type
+    except StopIteration:
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast_forward(weight: torch.Tensor, bias: torch.Tensor | None,
+                  dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> F.linear(x, W, c)`` in ``dtype``, with ``W`` and ``c`` cast now, once."""
+    weight = weight.detach().to(dtype)
+    bias = bias.detach().to(dtype) if bias is not None else None
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(dtype), weight, bias)
+
+    return forward
+
+
+def _castable(module: torch.nn.Module, device: torch.device) -> bool:
+    """A plain fp32 ``nn.Linear`` on ``device``: no hooks, no forward already replaced (an enclosing block)."""
+    return (type(module) is torch.nn.Linear and module.weight.dtype == torch.float32
+            and module.weight.device == device
+            and not (module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)))
+
+
+@contextmanager
+def cast_once_linears(model: torch.nn.Module) -> Iterator[int]:
+    """Within the block (entered without grad, under autocast), ``model``'s linear layers use weights cast once.
+
+    Yields the number of layers patched: 0 (nothing changed) where gradients are enabled (the training forward
+    keeps autocast's per-call casts, whose backward reaches the fp32 weights), where autocast is off, or for the
+    layers an enclosing block patched already (blocks nest, so a caller that samples in chunks casts once around
+    its loop). On exit every forward is restored and the copies are freed.
+    """
+    dtype = autocast_dtype(model)
+    if torch.is_grad_enabled() or dtype is None or dtype == torch.float32:
+        yield 0
+        return
+    device = next(model.parameters()).device
+    patched: list[torch.nn.Module] = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                if _castable(module, device):
+                    module.forward = _cast_forward(module.weight, module.bias, dtype)
+                    patched.append(module)
+        yield len(patched)
+    finally:
+        for module in patched:
+            del module.forward

@@ -1,0 +1,93 @@
+"""Weights cast once for no-grad passes under autocast: the same function as autocast's forward, cast on entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from fdpg_testing import nonzero_lora_policy
+
+from fdpg.cast_linears import cast_once_linears
+from fdpg.log_probs import completion_token_log_probs
+from fdpg.onednn_linears import onednn_linears
+from fdpg.sampling import sample_completions
+
+BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+def _setup(model_dir: Path):
+    policy = nonzero_lora_policy(model_dir)
+    batch = sample_completions(policy.model, policy.tokenizer, ["ab", "b c", "cab", ""], 8, seed=1)
+    linears = sum(type(m) is torch.nn.Linear for m in policy.model.modules())
+    return policy.model, batch, linears
+
+
+def test_a_pass_in_the_block_is_autocasts_forward_with_every_linear_cast(tiny_model_dir: Path) -> None:
+    model, batch, linears = _setup(tiny_model_dir)
+    with torch.no_grad(), torch.autocast(**BF16):
+        want = completion_token_log_probs(model, batch)
+        with cast_once_linears(model) as patched:
+            got = completion_token_log_probs(model, batch)
+        fp32_free = completion_token_log_probs(model, batch)
+    assert patched == linears > 0  # base layers, LoRA A and B (unmerged), the LM head
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fp32_free, want, atol=0, rtol=0)
+    with torch.no_grad():
+        fp32 = completion_token_log_probs(model, batch)
+    assert float((fp32 - want).abs().max()) > 1e-4  # bf16 is another function: the comparison above can fail
+
+
+def test_the_weights_are_cast_on_entry_and_restored_on_exit(tiny_model_dir: Path) -> None:
+    model, batch, _ = _setup(tiny_model_dir)
+    layer = model.get_base_model().model.layers[0].mlp.down_proj.base_layer
+    saved = layer.weight.detach().clone()
+    with torch.no_grad(), torch.autocast(**BF16):
+        before = completion_token_log_probs(model, batch)
+        with cast_once_linears(model):
+            layer.weight.zero_()  # the block multiplies by its copy, made on entry
+            inside = completion_token_log_probs(model, batch)
+            with cast_once_linears(model) as nested:  # an inner block leaves them to the outer one
+                assert nested == 0
+        after = completion_token_log_probs(model, batch)  # autocast's own cast of the zeroed weight
+        layer.weight.copy_(saved)
+    torch.testing.assert_close(inside, before, atol=1e-6, rtol=0)
+    assert not torch.allclose(after, before)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_nothing_is_patched_with_gradients_or_without_autocast(tiny_model_dir: Path) -> None:
+    model, _, _ = _setup(tiny_model_dir)
+    with torch.autocast(**BF16), cast_once_linears(model) as with_grad:
+        pass
+    with torch.no_grad(), cast_once_linears(model) as without_autocast:
+        pass
+    assert with_grad == without_autocast == 0
+
+
+def test_onednn_linears_under_autocast_casts_once_instead(tiny_model_dir: Path) -> None:
+    model, batch, linears = _setup(tiny_model_dir)
+    with torch.no_grad(), torch.autocast(**BF16), onednn_linears(model, prepack_rows=4) as patched:
+        assert patched == linears
+
+
+def test_bf16_samples_record_the_log_q_of_the_bf16_training_forward(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """--mixed_precision bf16: the log q recorded while sampling (weights cast once, KV-cached decode) is the
+    training forward's log pi (autocast, gradients on) over the same tokens, to bf16's summation-order rounding,
+    and much closer to it than the fp32 policy is."""
+    import warnings
+
+    from fdpg_testing import build_trainer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 on a CPU without native bf16
+        trainer = build_trainer(tiny_model_dir, tmp_path, mixed_precision="bf16", lora_r=4, batch_size=16,
+                                generation_batch_size=8, max_new_tokens=12)
+    batch = trainer.sample(0)
+    mask = batch.completion_mask
+    with trainer.accelerator.autocast():
+        bf16 = completion_token_log_probs(trainer.model, batch).detach()
+    fp32 = completion_token_log_probs(trainer.model, batch).detach()
+    gap = ((batch.token_log_q - bf16) * mask).abs()
+    fp32_gap = ((batch.token_log_q - fp32) * mask).abs()
+    assert float(gap.max()) < 2e-2 and float(gap.sum(-1).max()) < 5e-2, (gap.max(), gap.sum(-1))
+    assert float(fp32_gap.sum(-1).mean()) > 3 * float(gap.sum(-1).mean())
