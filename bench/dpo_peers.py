@@ -16,13 +16,14 @@ trains on (``response_tokens``: min and max) and the prompt lengths, and fails i
 
 fdpg settings: ``TrainConfig(algo="dpo", preferences="bench", divergence="rkl", preference_loss="sigmoid",
 beta=0.1, lora_r=8, lora_alpha=16, lora_target_modules="q_proj,v_proj", learning_rate=1e-4,
-lr_scheduler="constant", weight_decay=0, max_grad_norm=1, batch_size=16, micro_batch_size=--micro_batch (8,
-fdpg's default: 8 pairs = 16 sequences per forward/backward, two per step), eval_every=0, eval_samples=0,
+lr_scheduler="constant", weight_decay=0, max_grad_norm=1, batch_size=16, micro_batch_size=(the variant's: 8
+sequences = 4 pairs per forward/backward as shipped), activation_checkpointing=(the variant's), eval_every=0,
+eval_samples=0,
 exact_kl_every=0, heldout_fraction=0, mixed_precision="no", progress=False, log_samples_every=0, seed=0)``
 (``train()`` is never called, so no run directory is written), the policy from
 ``Policy.from_pretrained(MODEL, lora=LoraSettings(...))``, pairs from ``fdpg.preferences.tokenize_pairs``
 (no length limit) and ``fdpg.dpo.DPOTrainer``. The reference log-probabilities of every pair are computed once
-(``trainer.reference_pass()``, in micro-batches of --micro_batch pairs, as ``prepare_run`` does), timed as
+(``trainer.reference_pass()``, in the variant's micro-batches, as ``prepare_run`` does), timed as
 ``reference_once_s`` and not part of the step time; step time = ``trainer.train_step(step)`` (batch assembly,
 the micro-batched forward/backward, clipping, the optimizer and scheduler steps, the step's metrics).
 
@@ -49,8 +50,11 @@ worker reads the model's own flag during the steps (``settings.model_checkpointi
   batches of ``per_device_train_batch_size``, timed as ``reference_once_s``), checkpointing as shipped;
 - ``trl-precompute-nogc``: both: the same arithmetic per step as fdpg (no reference pass, no recomputation).
 
-fdpg variants: ``fdpg`` (no activation checkpointing, fdpg's default) and ``fdpg-ac`` (``activation_checkpointing=1``:
-every decoder layer recomputed in backward, as TRL's default).
+fdpg variants (``FDPG_VARIANTS``): ``fdpg`` as shipped (``micro_batch_size`` 8 sequences = 4 pairs per
+forward/backward, no activation checkpointing), ``fdpg-ac`` (the same with ``activation_checkpointing=1``: every
+decoder layer recomputed in backward, as TRL's default), ``fdpg-mb16`` (16 sequences = 8 pairs per pass, TRL's
+per-device batch), ``fdpg-mb16-ac`` and ``fdpg-mb16-ac2`` (with every layer, every second layer checkpointed).
+``--micro_batch`` sets TRL's ``per_device_train_batch_size`` only.
 
 Step time = ``on_step_begin`` to ``on_step_end`` of a TrainerCallback: the gradient-accumulation micro-batches'
 forward/backward (and, without precompute, their reference forwards), clipping, the optimizer and scheduler
@@ -67,7 +71,8 @@ loss (``first_loss``: ln 2 = 0.6931 on both sides, since LoRA starts at the refe
 the ratios fdpg/TRL of pairs/s and of peak RSS; and ``common.footer``.
 
     python bench/dpo_peers.py [--rounds 2] [--steps 5] [--warmup 1] [--pairs 64] [--micro_batch 8]
-                              [--frameworks fdpg,fdpg-ac,trl,trl-nogc,trl-precompute,trl-precompute-nogc] [--no_wait]
+                              [--frameworks fdpg,fdpg-ac,fdpg-mb16,fdpg-mb16-ac,fdpg-mb16-ac2,trl,trl-nogc,
+                              trl-precompute,trl-precompute-nogc] [--no_wait]
 """
 
 from __future__ import annotations
@@ -96,7 +101,8 @@ RESPONSE_TOKENS = 48
 TEXT_MODULES = ("statistics", "json", "argparse", "re", "sys", "csv", "unittest", "itertools", "subprocess", "heapq",
                 "copy", "io", "urllib.parse", "os", "inspect", "typing", "sqlite3", "tempfile", "difflib", "random",
                 "collections", "string", "pprint", "pickle", "struct", "socket")
-FRAMEWORKS = ("fdpg", "fdpg-ac", "trl", "trl-nogc", "trl-precompute", "trl-precompute-nogc")
+FRAMEWORKS = ("fdpg", "fdpg-ac", "fdpg-mb16", "fdpg-mb16-ac", "fdpg-mb16-ac2", "trl", "trl-nogc", "trl-precompute",
+              "trl-precompute-nogc")
 
 
 # ---------------------------------------------------------------------------------------------------- the pairs
@@ -143,7 +149,12 @@ def check_lengths(name: str, lengths: list[int]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- fdpg
-def run_fdpg(steps: int, warmup: int, n_pairs: int, micro: int, activation_checkpointing: int = 0) -> dict:
+#: fdpg's variants: name -> (micro_batch_size in sequences, activation_checkpointing).
+FDPG_VARIANTS = {"fdpg": (8, 0), "fdpg-ac": (8, 1), "fdpg-mb16": (16, 0), "fdpg-mb16-ac": (16, 1),
+                 "fdpg-mb16-ac2": (16, 2)}
+
+
+def run_fdpg(steps: int, warmup: int, n_pairs: int, rows: int, activation_checkpointing: int = 0) -> dict:
     import datasets
     import torch
 
@@ -159,7 +170,7 @@ def run_fdpg(steps: int, warmup: int, n_pairs: int, micro: int, activation_check
             algo="dpo", preferences="bench", model=MODEL, divergence="rkl", preference_loss="sigmoid", beta=BETA,
             lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, lora_target_modules=LORA_TARGETS,
             learning_rate=LR, lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            mixed_precision="no", batch_size=BATCH_PAIRS, micro_batch_size=micro, steps=warmup + steps,
+            mixed_precision="no", batch_size=BATCH_PAIRS, micro_batch_size=rows, steps=warmup + steps,
             eval_every=0, eval_samples=0, exact_kl_every=0, heldout_fraction=0.0, progress=False,
             log_samples_every=0, save_every=10**9, seed=0, output_dir=os.path.join(out_dir, "run"),
             activation_checkpointing=activation_checkpointing)
@@ -308,8 +319,8 @@ def worker(args) -> None:
 
     datasets.disable_progress_bars()
     if args.worker.startswith("fdpg"):
-        res = run_fdpg(args.steps, args.warmup, args.pairs, args.micro_batch,
-                       activation_checkpointing=int(args.worker == "fdpg-ac"))
+        rows, checkpointing = FDPG_VARIANTS[args.worker]
+        res = run_fdpg(args.steps, args.warmup, args.pairs, rows, activation_checkpointing=checkpointing)
     else:
         res = run_trl(args.worker, args.steps, args.warmup, args.pairs, args.micro_batch)
     res["peak_rss_mb"] = round(common.peak_rss_mb(), 1)
@@ -339,7 +350,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=64, help="preference pairs (a multiple of 16)")
     ap.add_argument("--micro_batch", type=int, default=8,
-                    help="pairs per forward/backward: fdpg micro_batch_size, TRL per_device_train_batch_size "
+                    help="pairs per forward/backward of TRL (per_device_train_batch_size) "
                          "(with gradient_accumulation_steps = 16 / it); a divisor of 16")
     ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -13,8 +13,9 @@ runs no reference pass. Then each step:
 
 1. the step's ``batch_size`` training pairs: epoch after epoch of seeded permutations of the training split;
 2. :math:`\log\pi_\theta(y_w\mid c)` and :math:`\log\pi_\theta(y_l\mid c)` in one forward pass per micro-batch
-   (chosen and rejected rows together), the loss averaged over the batch's pairs, backward (micro-batched),
-   clipped optimizer step and scheduler step through ``accelerate``;
+   (chosen and rejected rows together: ``micro_batch_size`` rows, i.e. half as many pairs), the loss averaged
+   over the batch's pairs, backward (micro-batched), clipped optimizer step and scheduler step through
+   ``accelerate``;
 3. logged: ``loss``, the implicit rewards :math:`\beta s(y_w)` and :math:`\beta s(y_l)`
    (``rewards/chosen``, ``rewards/rejected``), their margin and the fraction of pairs ordered right
    (``rewards/accuracy``);
@@ -76,6 +77,9 @@ class DPOTrainer(OnlineTrainer):
         #: ``[N, 2]`` float64 reference log-probabilities of (chosen, rejected), set by :meth:`prepare_run`.
         self.reference_log_probs: torch.Tensor | None = None
         self.batches = EpochBatches(self.train_index, config.batch_size, config.seed)
+        #: Pairs per forward pass: ``--micro_batch_size`` counts sequences, as for the online algorithms (a pair's
+        #: chosen and rejected responses are two), so that the default 8 puts 8 rows in each pass there too.
+        self.micro_pairs = max(1, config.micro_batch_size // 2)
 
     # ------------------------------------------------------------------ once per run
     def prepare_run(self) -> None:
@@ -109,7 +113,7 @@ class DPOTrainer(OnlineTrainer):
         computes all of them, once)."""
         out = []
         n = len(self.pairs)
-        step = max(1, self.config.micro_batch_size)
+        step = self.micro_pairs
         for lo in range(0, n, step):
             index = list(range(lo, min(n, lo + step)))
             seq = self.token_log_probs(self.pairs.as_batch(index, self.pad_id), reference=True).sum(-1)
@@ -164,7 +168,7 @@ class DPOTrainer(OnlineTrainer):
         parts: list[tuple[torch.Tensor, ...]] = []
         tokens = 0
         with self.timed("backward"):
-            for micro, sync in self.accumulation(index):
+            for micro, sync in self.accumulation(index, self.micro_pairs):
                 with sync:
                     losses, log_ratio_w, log_ratio_l = self.pair_losses(micro, grad=True)
                     acc.backward(losses.sum() / self.local_batch)
@@ -212,7 +216,7 @@ class DPOTrainer(OnlineTrainer):
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         mine = self.heldout_index[rank::world]
         parts = []
-        size = self.config.micro_batch_size
+        size = self.micro_pairs
         for lo in range(0, len(mine), size):
             parts.append(self.pair_losses(mine[lo:lo + size], grad=False))
         columns = [torch.cat(c).cpu() for c in zip(*parts)] if parts else [torch.zeros(0, dtype=torch.float64)] * 3

@@ -240,10 +240,11 @@ class TrainingLoop:
         return grad_norm
 
 
-    def accumulation(self, items: Sequence) -> Iterator[tuple[Sequence, contextlib.AbstractContextManager]]:
-        """``items`` in micro-batches of ``config.micro_batch_size``, each with the context its backward runs in:
-        no gradient all-reduce across processes (accelerate's ``no_sync``) but for the last micro-batch."""
-        size = self.config.micro_batch_size
+    def accumulation(self, items: Sequence, size: int | None = None
+                     ) -> Iterator[tuple[Sequence, contextlib.AbstractContextManager]]:
+        """``items`` in micro-batches of ``size`` (default ``config.micro_batch_size``), each with the context its
+        backward runs in: no gradient all-reduce across processes (accelerate's ``no_sync``) but for the last."""
+        size = size or self.config.micro_batch_size
         n = math.ceil(len(items) / size)
         for i in range(n):
             yield items[i * size:(i + 1) * size], nullcontext() if i == n - 1 else self.accelerator.no_sync(self.model)
