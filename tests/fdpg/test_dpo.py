@@ -55,11 +55,12 @@ def dpo_trainer(model_dir, output_dir, rows=None, **overrides):
     import datasets
 
     from fdpg.dpo import DPOTrainer
-    from fdpg.policy import Policy
+    from fdpg.policy import LoraSettings, Policy
 
     config = dpo_config(model_dir, output_dir, **overrides)
     torch.manual_seed(config.seed)
-    policy = Policy.from_pretrained(config.model)
+    lora = LoraSettings(config.lora_r, config.lora_alpha, 0.0, "all-linear") if config.lora_r else None
+    policy = Policy.from_pretrained(config.model, lora=lora)
     data = datasets.Dataset.from_dict(rows or toy_rows())
     pairs = tokenize_pairs(data, policy.tokenizer, policy.max_positions)
     return DPOTrainer(config, policy, rl_with_kl("reward", config.beta), toy_scorer, PROMPTS, pairs=pairs)
@@ -304,19 +305,20 @@ def test_cli_dpo_from_a_file_resumes_with_the_same_pairs(tiny_model_dir, tmp_pat
 
 
 def test_bf16_training_follows_the_fp32_run(tiny_model_dir, tmp_path):
-    """--mixed_precision bf16 (reference pass with weights cast once, training under autocast, fp32 master weights
-    and optimizer): each step's loss within 0.01 of the fp32 run's (bf16 moves a response's log-ratio by ~1e-2 on
-    this model), and the run learns the pairs as the fp32 one does."""
+    """--mixed_precision bf16 with LoRA (reference pass with weights cast once, training under autocast, fp32
+    adapter and optimizer): the first steps' losses within 5e-3 of the fp32 run's, all within 5e-2, and the run
+    learns the pairs as the fp32 one does."""
     losses = {}
     for precision in ("no", "bf16"):
         AcceleratorState._reset_state()  # a second Accelerator, with other settings, in this process
         trainer = dpo_trainer(tiny_model_dir, tmp_path / precision, steps=8, eval_every=0, heldout_fraction=0.0,
-                              mixed_precision=precision)
+                              mixed_precision=precision, lora_r=4, learning_rate=3e-2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bf16 on a CPU without native bf16
             assert trainer.train()["status"] == "finished"
         losses[precision] = [r["loss"] for r in read_jsonl(trainer.run_dir / "metrics.jsonl")]
         assert all(p.dtype == torch.float32 for p in trainer._trainable().values())
     gaps = [abs(b - f) for b, f in zip(losses["bf16"], losses["no"])]
-    assert max(gaps) < 0.01, (losses, gaps)
+    # measured: 0, 1e-5, 1.5e-3, 1.2e-3, then up to 2.7e-2 as eight updates at lr 3e-2 compound the rounding
+    assert max(gaps[:4]) < 5e-3 and max(gaps) < 5e-2, (losses, gaps)
     assert losses["bf16"][-1] < losses["bf16"][0] - 0.1
