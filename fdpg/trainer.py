@@ -59,6 +59,28 @@ class FDPGTrainer(OnlineTrainer):
             self._check_token_credit()
         if config.off_policy:
             self.proposal = {k: v.detach().clone() for k, v in self._policy_trainable().items()}
+        #: Pseudo-rewards and pi/q from the training forward's own log pi (see :meth:`forward_rewards`): under
+        #: mixed precision, where the sampling pass's log pi differs from it by up to ~0.3 nats a sequence.
+        self.rewards_from_forward = config.mixed_precision != "no"
+
+    def forward_rewards(self, log_pi: torch.Tensor, log_p: torch.Tensor,
+                        log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""A micro-batch's :math:`R_j = -f'(\pi_j/p_j)` and :math:`w_j = \pi_j/q_j`, with :math:`\log\pi_j` the
+        training forward's (the function that is differentiated) and :math:`\log q_j` the sampling pass's (the
+        distribution the samples came from).
+
+        Under bf16 the KV-cached decode and the full forward round differently (per sequence 0.04-0.32 nats on
+        SmolLM2-135M, ``bench/bf16_error.py``), so :math:`q \ne \pi_\theta`: taking both from the sampling
+        pass would estimate the gradient of another policy's divergence. With these the estimate
+        :math:`E_q[w (R - b)\nabla\log\pi_\theta]` is that of :math:`D_f(\pi_\theta\|p)` for the policy
+        trained; the baseline :math:`b_j` (the other samples' rewards, from the sampling pass) does not depend on
+        sample j, so it adds no bias."""
+        cfg = self.config
+        rewards = self.divergence.pseudo_reward(log_pi, log_p, max_log_ratio=cfg.max_log_ratio)
+        weights = torch.exp(log_pi - log_q)
+        if cfg.importance_weight_clip is not None:
+            weights = weights.clamp(max=cfg.importance_weight_clip)
+        return rewards, weights
 
     def _check_token_credit(self) -> None:
         """Token-level credit needs per-token rewards, reverse KL, and components that read no later text."""
@@ -128,6 +150,7 @@ class FDPGTrainer(OnlineTrainer):
                     self.proposal = {k: v.detach().clone() for k, v in self._policy_trainable().items()}
             local = self.local_slice()
             rewards, baseline, weights = g_rewards[local], g_baseline[local], g_weights[local]
+            log_p, log_q_local = g_log_p[local], g_log_q[local]
             token_weights = self.token_credit_weights(batch, token_log_a, g_keys) if cfg.token_credit else None
             metrics = self.shared_metrics(step, batch, self.divergence, g_features, g_log_pi, g_log_q, g_log_a,
                                           g_log_p, g_rewards)
@@ -145,9 +168,12 @@ class FDPGTrainer(OnlineTrainer):
                         loss = -(w * token_log_pi).sum() / self.local_batch
                     else:
                         log_pi = completion_token_log_probs(self.model, part).sum(-1)
-                        loss = surrogate_loss(log_pi, rewards[lo:hi].to(log_pi.device),
-                                              baseline[lo:hi].to(log_pi.device),
-                                              weights[lo:hi].to(log_pi.device) if cfg.proposal_differs else None,
+                        r, w = rewards[lo:hi], weights[lo:hi] if cfg.proposal_differs else None
+                        if self.rewards_from_forward:
+                            r, w = self.forward_rewards(log_pi.detach().double().cpu(), log_p[lo:hi],
+                                                        log_q_local[lo:hi])
+                        loss = surrogate_loss(log_pi, r.to(log_pi.device), baseline[lo:hi].to(log_pi.device),
+                                              None if w is None else w.to(log_pi.device),
                                               normaliser=self.local_batch)
                     acc.backward(loss)
 

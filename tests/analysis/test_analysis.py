@@ -71,6 +71,7 @@ def test_samples_scores_become_columns(runs) -> None:
     assert samples.loc[0, "score/reward"] == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_plots_are_written(runs, tmp_path) -> None:
     metrics = load_runs(runs)
     plot_pareto(final_points(metrics, last=1), path=tmp_path / "pareto.png")
@@ -79,6 +80,7 @@ def test_plots_are_written(runs, tmp_path) -> None:
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_fdpg_analyze_writes_the_report(runs, tmp_path, capsys) -> None:
     from fdpg.cli import main
 
@@ -167,6 +169,7 @@ def test_seed_points_pool_runs_that_differ_only_in_the_seed(tmp_path) -> None:
     assert len(analysis.seed_points(points.drop(columns="seed"))) == len(points)  # no seeds: nothing to pool
 
 
+@pytest.mark.slow
 def test_fdpg_analyze_defaults_to_the_exact_kl_and_shares_one_palette(tmp_path, capsys, monkeypatch) -> None:
     from fdpg.cli import main
 

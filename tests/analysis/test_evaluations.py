@@ -41,6 +41,7 @@ def test_evaluated_points_replace_the_training_numbers_and_say_so(tmp_path) -> N
     assert base.loc[0, "score/reward"] == 0.1
 
 
+@pytest.mark.slow
 def test_fdpg_analyze_draws_the_frontier_through_the_evaluated_points(tmp_path, capsys) -> None:
     from fdpg.cli import main
 

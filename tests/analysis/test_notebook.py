@@ -59,6 +59,7 @@ def outputs(cell) -> tuple[str, list[str]]:
     return "".join(text), kinds
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_against_a_runs_directory(runs, kernel, monkeypatch) -> None:
     monkeypatch.setenv("FDPG_RUNS", str(runs))
     notebook = nbformat.read(NOTEBOOK, as_version=4)

@@ -55,6 +55,7 @@ def report(sweep, tmp_path_factory):
     return build_report(sweep, tmp_path_factory.mktemp("report"), quiet=True)
 
 
+@pytest.mark.slow
 def test_the_report_writes_figures_html_and_markdown(report) -> None:
     names = {p.name for p in report.figures}
     assert names == {"pareto-toy.png", "curves-toy.png", "diversity-toy.png", "pseudo_rewards.png"}
@@ -160,6 +161,7 @@ def messy(tmp_path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_skipped_with_their_reasons(messy, tmp_path, capsys) -> None:
     from fdpg.report_cli import cmd_report
 
@@ -195,6 +197,7 @@ def test_a_report_of_nothing_still_says_why(tmp_path, capsys) -> None:
     assert (tmp_path / "out" / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_frontier_points_sources(sweep) -> None:
     dirs = scan_runs(sweep).dirs
     auto = frontier_points(dirs)

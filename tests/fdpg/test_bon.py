@@ -160,6 +160,7 @@ def bon_dirs(tiny_model_dir, tmp_path_factory):
     return write_bon_runs(out, results, settings), results, policy, spec
 
 
+@pytest.mark.slow
 def test_run_best_of_n_draws_max_n_per_prompt_once_and_n1_is_the_base_samples(bon_dirs) -> None:
     from fdpg.evaluation import sample_for_prompts
 

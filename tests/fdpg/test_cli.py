@@ -16,6 +16,7 @@ SMALL = ["--steps", "1", "--batch_size", "4", "--samples_per_prompt", "2", "--ma
          "--progress", "false", "--eval_samples", "0"]
 
 
+@pytest.mark.slow
 def test_train_sentiment_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     code, out, err = run_cli(["train", "--model", str(tiny_model_dir), "--task", "sentiment",
                               "--output_dir", str(tmp_path / "run"), *SMALL, "--eval_samples", "32"], capsys)

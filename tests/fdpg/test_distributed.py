@@ -49,6 +49,7 @@ def _run(cmd: list[str]) -> None:
 
 
 @pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
+@pytest.mark.slow
 def test_two_cpu_processes_match_one(lora_r: int, tiny_model_dir: Path, tmp_path: Path) -> None:
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     out = _run([sys.executable, str(WORKER), str(tiny_model_dir), str(tmp_path / "one"), str(one), str(lora_r)])

@@ -111,6 +111,7 @@ def test_trainer_gradient_is_the_gradient_of_the_f_dpo_loss(tiny_model_dir, tmp_
     torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_short_run_learns_its_pairs_and_logs_shared_metrics(tiny_model_dir, tmp_path):
     trainer = dpo_trainer(tiny_model_dir, tmp_path / "run", steps=8)
     calls = []
@@ -146,6 +147,7 @@ def test_a_short_run_learns_its_pairs_and_logs_shared_metrics(tiny_model_dir, tm
     assert config["algo"] == "dpo"
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     full = dpo_trainer(tiny_model_dir, tmp_path / "full", steps=6, save_every=3)
     full.train()
@@ -304,6 +306,8 @@ def test_cli_dpo_from_a_file_resumes_with_the_same_pairs(tiny_model_dir, tmp_pat
     assert code == 2 and "missing.jsonl" in err
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_bf16_training_follows_the_fp32_run(tiny_model_dir, tmp_path):
     """--mixed_precision bf16 with LoRA (reference pass with weights cast once, training under autocast, fp32
     adapter and optimizer): the first steps' losses within 5e-3 of the fp32 run's, all within 5e-2, and the run

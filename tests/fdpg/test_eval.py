@@ -70,6 +70,7 @@ def test_evaluation_samples_the_policy_and_scores_its_samples(tiny_model_dir: Pa
     assert evaluate_policy(policy, spec, n=12, max_new_tokens=6, seed=4)["examples"] != out["examples"]
 
 
+@pytest.mark.slow
 def test_loading_a_run_gives_its_trained_weights_and_its_base_model(trained_run: dict[str, Any],
                                                                      tiny_model_dir: Path) -> None:
     loaded = load_run_policy(trained_run["dir"])
@@ -113,6 +114,7 @@ def prompts_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cli_eval_of_a_run_directory(trained_run: dict[str, Any], prompts_file: Path, tiny_model_dir: Path,
                                      capsys: pytest.CaptureFixture) -> None:
     run_dir: Path = trained_run["dir"]
@@ -149,6 +151,7 @@ def test_cli_eval_of_an_unfinished_run_says_so(trained_run: dict[str, Any], prom
     assert code == 2 and "--n must be a positive" in err
 
 
+@pytest.mark.slow
 def test_every_finished_run_is_evaluated_once_and_the_base_model_is_cached(
         tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """eval.json at the end of a run (policy and base, each with standard errors); the base model's evaluation

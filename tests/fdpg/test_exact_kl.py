@@ -42,6 +42,7 @@ def test_exact_token_kl_obeys_the_chain_rule_exactly(enumerable_model_dir: Path,
     assert var_exact < 0.5 * var_k1, (var_exact, var_k1)
 
 
+@pytest.mark.slow
 def test_logged_exact_kl_averages_to_the_exact_kl(enumerable_model_dir: Path, tmp_path: Path) -> None:
     trainer = enumerable_trainer(enumerable_model_dir, tmp_path, exact_kl_every=2)
     (e,) = [exact_prompt(trainer, p) for p in trainer.prompts]

@@ -34,6 +34,7 @@ def test_samples_come_from_the_frozen_proposal_and_are_reweighted(make_trainer) 
     assert second["is_ess"] < 8.0  # pi != q: non-uniform importance weights
 
 
+@pytest.mark.slow
 def test_proposal_is_refreshed_when_pi_is_closer_to_the_target(make_trainer) -> None:
     trainer = make_trainer(off_policy=True, learning_rate=1e-2, divergence="fkl", steps=6)
     initial = {k: v.clone() for k, v in trainer.proposal.items()}
@@ -44,6 +45,7 @@ def test_proposal_is_refreshed_when_pi_is_closer_to_the_target(make_trainer) -> 
     assert any(not torch.equal(initial[k], v) for k, v in trainer.proposal.items())
 
 
+@pytest.mark.slow
 def test_off_policy_resume_keeps_the_proposal(tiny_model_dir: Path, tmp_path: Path) -> None:
     settings = dict(off_policy=True, learning_rate=3e-2, divergence="fkl", save_every=2)
     full = build_trainer(tiny_model_dir, tmp_path / "full", steps=4, **settings)

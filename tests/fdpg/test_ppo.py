@@ -72,6 +72,7 @@ def _kl_with_the_wrong_sign(*args: Any, **kwargs: Any) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("variant", ["kl sign flipped", "reward on the first token", "whitened advantages"])
+@pytest.mark.slow
 def test_the_special_case_test_rejects_departures(enumerable_model_dir: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
     """Power check: two seeded bugs and one documented departure from the special case are rejected."""
@@ -89,6 +90,7 @@ def test_the_special_case_test_rejects_departures(enumerable_model_dir: Path, tm
 
 
 # --------------------------------------------------------------------------------- runs on the tiny model
+@pytest.mark.slow
 def test_short_ppo_run_raises_the_reward(make_trainer) -> None:
     """Vowel fraction (the toy reward) of the last 5 steps' samples above the first 5's by 3 standard errors."""
     trainer = make_trainer(algo="ppo", steps=20, learning_rate=1e-2, batch_size=16, generation_batch_size=16,
@@ -102,6 +104,7 @@ def test_short_ppo_run_raises_the_reward(make_trainer) -> None:
                                                                           statistics.mean(last), stderr)
 
 
+@pytest.mark.slow
 def test_ppo_run_directory_has_the_shared_metrics_and_its_own(make_trainer) -> None:
     trainer = make_trainer(algo="ppo", steps=2, lora_r=4, ppo_minibatches=2, micro_batch_size=2, target_kl=0.01)
     assert trainer.train()["status"] == "finished"
@@ -126,6 +129,7 @@ def test_ppo_run_directory_has_the_shared_metrics_and_its_own(make_trainer) -> N
     assert any(k.startswith("value_head.") for k in saved) and any("lora_" in k for k in saved)
 
 
+@pytest.mark.slow
 def test_ppo_resume_reproduces_the_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Value head, adaptive KL controller, reward normaliser and optimizer states survive a resume exactly."""
     settings = dict(algo="ppo", lora_r=4, ppo_minibatches=2, ppo_epochs=2, target_kl=0.01, normalize_rewards=True,

@@ -77,6 +77,7 @@ def _assert_reproduces(reference: dict, run_dir: Path, trainer) -> None:
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_stop_and_resume_reproduces_uninterrupted_run(reference_run, tiny_model_dir: Path, tmp_path: Path) -> None:
     lora_r = reference_run["lora_r"]
     first = build_trainer(tiny_model_dir, tmp_path / "run", steps=2, lora_r=lora_r)
@@ -89,6 +90,7 @@ def test_stop_and_resume_reproduces_uninterrupted_run(reference_run, tiny_model_
     _assert_reproduces(reference_run, run_dir, trainer)
 
 
+@pytest.mark.slow
 def test_failing_scorer_leaves_a_resumable_run(reference_run, tiny_model_dir: Path, tmp_path: Path) -> None:
     lora_r = reference_run["lora_r"]
     trainer = build_trainer(tiny_model_dir, tmp_path / "run", steps=STEPS, lora_r=lora_r,
@@ -107,6 +109,7 @@ def test_failing_scorer_leaves_a_resumable_run(reference_run, tiny_model_dir: Pa
     _assert_reproduces(reference_run, run_dir, resumed)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_resumes(reference_run, tiny_model_dir: Path, tmp_path: Path) -> None:
     lora_r = reference_run["lora_r"]
     trainer = build_trainer(tiny_model_dir, tmp_path / "run", steps=STEPS, lora_r=lora_r,
@@ -126,6 +129,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes(reference_run, tiny_model_d
     _assert_reproduces(reference_run, run_dir, resumed)
 
 
+@pytest.mark.slow
 def test_sigint_finishes_the_step_saves_and_resumes(reference_run, tiny_model_dir: Path, tmp_path: Path) -> None:
     """Ctrl-C (SIGINT) as SIGTERM: the step in progress completes, is checkpointed, and the run resumes."""
     def outside_the_trainer(signum, frame):
@@ -156,6 +160,7 @@ def test_sigint_finishes_the_step_saves_and_resumes(reference_run, tiny_model_di
 
 
 @pytest.mark.parametrize("reference_run", [0], indirect=True, ids=["full"])
+@pytest.mark.slow
 def test_logs_after_the_last_checkpoint_are_redone(reference_run, tiny_model_dir: Path, tmp_path: Path) -> None:
     """A run killed after logging step 3 but before checkpointing it resumes from step 2 and logs 3 once."""
     trainer = build_trainer(tiny_model_dir, tmp_path / "run", steps=3, save_every=2)
@@ -168,6 +173,7 @@ def test_logs_after_the_last_checkpoint_are_redone(reference_run, tiny_model_dir
 
 
 @pytest.mark.parametrize("reference_run", [0], indirect=True, ids=["full"])
+@pytest.mark.slow
 def test_failing_task_metrics_leave_a_consistent_checkpoint(
     reference_run, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

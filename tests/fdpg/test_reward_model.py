@@ -113,6 +113,7 @@ def assert_gradient_of(trainer: RewardModelTrainer, caught: dict, loss: torch.Te
 
 
 # ---------------------------------------------------------------------------------------------- 1. learning
+@pytest.mark.slow
 def test_training_raises_heldout_accuracy_and_leaves_a_loadable_model(bert_dir, tmp_path):
     trainer = make_trainer(bert_dir, tmp_path / "run", z_rankings(80), steps=40, batch_size=8, micro_batch_size=4,
                            eval_every=10, heldout_fraction=0.25)
@@ -245,6 +246,7 @@ def test_margin_and_centring_change_the_loss_as_the_formula_says(bert_dir, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------- 4. resume
+@pytest.mark.slow
 def test_an_interrupted_and_resumed_lora_run_reproduces_the_uninterrupted_one(bert_dir, tmp_path):
     rows = z_rankings(24, seed=5)
     settings = dict(steps=6, save_every=2, lora_r=4, lora_alpha=8.0, learning_rate=1e-2, eval_every=2,
@@ -347,6 +349,7 @@ def test_bad_settings_are_refused_before_training(bert_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- 6. the CLI
+@pytest.mark.slow
 def test_cli_trains_resumes_and_evaluates(bert_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "rankings.jsonl", z_rankings(40, seed=7))
     common = ["--data", str(data), "--model", str(bert_dir), "--batch_size", "8", "--micro_batch_size", "4",

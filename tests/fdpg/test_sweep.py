@@ -121,6 +121,7 @@ def test_print_commands(tmp_path, capsys):
     assert "--divergence js" in lines[1] and f"--output_dir {tmp_path / 's' / 'divergence=js'}" in lines[1]
 
 
+@pytest.mark.slow
 def test_a_real_sweep_of_two_cells_in_two_processes(tiny_model_dir, tmp_path, capsys):
     flags = ["--model", str(tiny_model_dir), "--task", "sentiment", "--steps", "1", "--batch_size", "4",
              "--samples_per_prompt", "2", "--max_new_tokens", "4", "--eval_samples", "0", "--progress", "false"]

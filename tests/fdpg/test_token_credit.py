@@ -84,6 +84,7 @@ def total_variance(grads: torch.Tensor) -> float:
     return float(grads.var(0).sum())
 
 
+@pytest.mark.slow
 def test_the_token_credit_gradient_the_trainer_applies_is_unbiased(enumerable_model_dir, tmp_path):
     trainer = trainer_with(enumerable_model_dir, tmp_path / "token", causal_reward(), token_credit=True)
     exact = exact_gradient(trainer)
@@ -115,6 +116,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
+@pytest.mark.slow
 def test_token_credit_lowers_the_exact_variance_of_one_sample_estimate(enumerable_model_dir, tmp_path):
     """Both estimates have the mean grad KL(pi || p), and E|g_tok - g|^2 < E|g_seq - g|^2: the exact ratio."""
     trainer = trainer_with(enumerable_model_dir, tmp_path / "run", causal_reward(), token_credit=True)
@@ -128,6 +130,7 @@ def test_token_credit_lowers_the_exact_variance_of_one_sample_estimate(enumerabl
     assert var_tok < 0.9 * var_seq
 
 
+@pytest.mark.slow
 def test_a_component_that_reads_later_tokens_biases_token_credit(enumerable_model_dir, tmp_path):
     """The same total, but the first token's reward depends on the tokens after it: by enumeration, the
     token-level estimate's mean is off while the sequence-level one is exact; declared, it is refused."""

@@ -11,6 +11,7 @@ from fdpg_testing import build_trainer, read_jsonl
 import fdpg.engine as engine
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_equal_metrics_jsonl(tiny_model_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -71,6 +71,7 @@ def test_full_fine_tuning_run_writes_everything_and_trains(make_trainer, tiny_mo
         assert torch.equal(p, base.state_dict()[n]), n
 
 
+@pytest.mark.slow
 def test_lora_run_reference_is_the_adapter_free_base(make_trainer, tiny_model_dir: Path) -> None:
     trainer = make_trainer(steps=3, lora_r=4, lora_target_modules="q_proj,v_proj")
     policy = trainer.policy

@@ -38,6 +38,7 @@ def vowel_fraction_change(samples: list[dict[str, Any]]) -> tuple[float, float]:
 
 @pytest.mark.parametrize(("divergence", "sign"), [("rkl", 1), ("rkl", -1), ("fkl", 1)],
                          ids=["rkl-more-vowels", "rkl-fewer-vowels", "fkl-more-vowels"])
+@pytest.mark.slow
 def test_score_moves_toward_the_target(make_trainer: Callable[..., Any], divergence: str, sign: int) -> None:
     scorer = {1: None, -1: negated_scorer}[sign]
     extra = {} if scorer is None else {"scorer": scorer}

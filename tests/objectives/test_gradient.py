@@ -132,6 +132,7 @@ def test_toy_sampling_is_the_exact_distribution() -> None:
 
 
 @pytest.mark.parametrize(("kind", "name"), CASES)
+@pytest.mark.slow
 def test_sampled_gradient_is_unbiased_with_exact_z(kind: str, name: str) -> None:
     problem = make_problem(kind)
     div = divergence(name)
@@ -143,6 +144,7 @@ def test_sampled_gradient_is_unbiased_with_exact_z(kind: str, name: str) -> None
 
 
 @pytest.mark.parametrize(("kind", "name"), CASES)
+@pytest.mark.slow
 def test_sampled_gradient_is_unbiased_with_estimated_z(kind: str, name: str) -> None:
     """Z from 20000 independent samples of pi: the residual bias is far below the sampling error."""
     problem = make_problem(kind)
@@ -157,6 +159,7 @@ def test_sampled_gradient_is_unbiased_with_estimated_z(kind: str, name: str) -> 
 @pytest.mark.parametrize(
     ("kind", "name"), [c for c in CASES if c[1] in ("rkl", "fkl", "tv", "js", "user_js")]
 )
+@pytest.mark.slow
 def test_off_policy_gradient_is_unbiased_with_importance_weights(kind: str, name: str) -> None:
     problem = make_problem(kind)
     div = divergence(name)
@@ -167,6 +170,7 @@ def test_off_policy_gradient_is_unbiased_with_importance_weights(kind: str, name
 
 
 @pytest.mark.parametrize("name", ["rkl", "fkl", "tv", "js"])
+@pytest.mark.slow
 def test_the_unbiasedness_test_rejects_biased_estimators(rl_problem: ToyProblem, name: str) -> None:
     """Power check: the same test rejects a mean baseline on tiny batches (bias factor 1 - 1/n) and
     off-policy samples without importance weights."""
@@ -193,6 +197,7 @@ def baseline_shrinkage(kind: str) -> float:
 
 
 @pytest.mark.parametrize("kind", [DEFAULT_BASELINE, *[b for b in BASELINES if b != DEFAULT_BASELINE]])
+@pytest.mark.slow
 def test_every_baseline_is_unbiased_or_shrinks_by_its_known_factor(rl_problem: ToyProblem, kind: str) -> None:
     """On batches of 4 (two groups of 2 for the per-prompt kinds): ``none``, ``loo``, ``prompt_loo`` and the
     moving average (which only sees past batches; decay 0.5) are unbiased; ``mean`` and ``prompt_mean`` include
@@ -246,6 +251,7 @@ TRAIN_CASES = (
 
 
 @pytest.mark.parametrize(("kind", "name"), TRAIN_CASES)
+@pytest.mark.slow
 def test_sampled_training_reaches_one_percent_of_the_start(kind: str, name: str) -> None:
     problem = make_problem(kind)
     if kind == "expfam":

@@ -86,6 +86,7 @@ def test_fit_from_samples_of_a_and_of_another_proposal(enumeration) -> None:
     assert abs(from_q.lambdas["phi"] - exact_lam) < abs(unweighted.lambdas["phi"] - exact_lam)
 
 
+@pytest.mark.slow
 def test_unreachable_moments(enumeration) -> None:
     log_a, phi, _ = enumeration
     with pytest.raises(UnreachableMomentError, match=r"phi = 1\.2 is outside the open range \(0, 1\)"):

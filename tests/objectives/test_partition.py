@@ -56,6 +56,7 @@ def test_running_estimate_with_changing_proposals(rl_problem: ToyProblem) -> Non
     assert abs(estimator.log_z() - rl_problem.log_Z) < 4 * se
 
 
+@pytest.mark.slow
 def test_z_is_unbiased_and_log_z_is_not(rl_problem: ToyProblem) -> None:
     """The mean of exp(log Z_hat) over many small independent estimates is Z within a few standard
     errors, while the mean of log Z_hat sits below log Z (Jensen)."""

@@ -165,6 +165,7 @@ def _ks(spec: str, n: int) -> float:
 
 
 @pytest.mark.parametrize("spec", ["power:0.5", "log"])
+@pytest.mark.slow
 def test_limit_law_fast(spec):
     ks_100, ks_200 = _ks(spec, 100), _ks(spec, 200)
     # observed: exactly 1/n, the least possible with r_n = 0 (the empirical CDF jumps by 1/n at 0)

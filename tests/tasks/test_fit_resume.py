@@ -72,6 +72,7 @@ def _per_prompt_moment(texts: list[str], prompts: list[str], lam: float) -> floa
 
 
 @pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.slow
 def test_fit_is_recorded_in_config_json_and_restored_on_resume(task: str, base_samplings: Callable[[], int],
                                                                tiny_model_dir: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
@@ -112,6 +113,7 @@ def test_fit_is_recorded_in_config_json_and_restored_on_resume(task: str, base_s
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_without_a_recorded_fit_fits_again(base_samplings: Callable[[], int], tiny_model_dir: Path,
                                                           tmp_path: Path) -> None:
     """A run directory from before fits were recorded: resuming fits lambda again on the same seeded samples."""

@@ -96,6 +96,7 @@ def test_curves_and_distances() -> None:
     assert shapes["ks_normalized"] == 0.0 and shapes["ks"] == pytest.approx(1 / 3)
 
 
+@pytest.mark.slow
 def test_the_command_trains_both_reward_models_and_plots(fake_stdlib, tiny_bert_dir, tmp_path, capsys) -> None:
     bert = tiny_bert_dir
     out = tmp_path / "collapse"

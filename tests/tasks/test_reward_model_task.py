@@ -35,6 +35,7 @@ def reward_run(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return trainer.run_dir
 
 
+@pytest.mark.slow
 def test_the_task_scores_completions_with_the_trained_model(reward_run, smoke_run):
     spec = get_task("reward_model").build(0.5, {"path": str(reward_run)})
     assert spec.prompts == PROMPTS  # the distinct prompts of the run's own data

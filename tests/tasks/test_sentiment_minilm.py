@@ -85,6 +85,7 @@ def test_small_training_is_cached_and_loads(small_cache: Path, monkeypatch: pyte
     assert rc.train_classifier(SMALL, small_cache) == report  # cached: nothing recomputed
 
 
+@pytest.mark.slow
 def test_minilm_scorer_option(small_cache: Path, monkeypatch: pytest.MonkeyPatch, smoke_run) -> None:
     classifier = rc.RewardClassifier.load(SMALL, small_cache, train_if_missing=False)
     texts = ["I love it, this is wonderful and great!", "I hate this, it is awful and terrible."]
