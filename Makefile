@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-data test lint demo prepare-model clean
+.PHONY: setup setup-data test test-fast lint demo prepare-model clean
 
 # torch is installed first, pinned, so that nothing else pulls a CUDA build of several GB.
 TORCH_SPEC ?= torch==2.13.0
@@ -34,6 +34,11 @@ setup: $(VENV)/.installed
 test: setup
 	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The inner loop (< 1 min): every test but those marked slow (statistical exactness runs, subprocesses, the
+# embedded model); `make test` runs them all.
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

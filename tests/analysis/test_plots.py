@@ -171,6 +171,7 @@ def test_training_curves_raw_faintly_smoothed_on_top_and_a_band_over_seeds() -> 
         assert at.min() == pytest.approx(low) and at.max() == pytest.approx(high)
 
 
+@pytest.mark.slow
 def test_axes_are_labelled_in_plain_words(points) -> None:
     assert metric_label("kl_pi_a") == "KL(π‖a)"
     assert metric_label("kl_pi_a_exact") == "KL(π‖a), exact per token"

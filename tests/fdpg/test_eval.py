@@ -52,6 +52,7 @@ def trained_run(request: pytest.FixtureRequest, tiny_model_dir: Path,
     return {"dir": trainer.run_dir, "params": trainable_state(trainer), "lora_r": settings["lora_r"]}
 
 
+@pytest.mark.slow
 def test_evaluation_samples_the_policy_and_scores_its_samples(tiny_model_dir: Path) -> None:
     policy = Policy.from_pretrained(str(tiny_model_dir))
     spec = toy_spec()
@@ -86,6 +87,7 @@ def test_loading_a_run_gives_its_trained_weights_and_its_base_model(trained_run:
     assert not torch.allclose(batch.log_pi.double(), log_a, atol=1e-2)  # the loaded policy is not the base
 
 
+@pytest.mark.slow
 def test_evaluation_of_a_trained_run_measures_the_trained_weights(trained_run: dict[str, Any],
                                                                    tiny_model_dir: Path) -> None:
     spec = toy_spec()

@@ -19,6 +19,7 @@ from fdpg.log_probs import exact_token_kl
 
 
 @pytest.mark.parametrize("prompt", ["", "ab"])
+@pytest.mark.slow
 def test_exact_token_kl_obeys_the_chain_rule_exactly(enumerable_model_dir: Path, tmp_path: Path,
                                                      prompt: str) -> None:
     trainer = enumerable_trainer(enumerable_model_dir, tmp_path, prompts=(prompt,))

@@ -12,6 +12,7 @@ from fdpg_testing import assert_same_metrics, build_trainer, read_jsonl, trainab
 from fdpg.log_probs import completion_token_log_probs
 
 
+@pytest.mark.slow
 def test_samples_come_from_the_frozen_proposal_and_are_reweighted(make_trainer) -> None:
     trainer = make_trainer(off_policy=True, learning_rate=3e-2, divergence="fkl")
     initial = copy.deepcopy(trainer._unwrapped())
@@ -60,6 +61,7 @@ def test_off_policy_resume_keeps_the_proposal(tiny_model_dir: Path, tmp_path: Pa
         assert_same_metrics(g, w)
 
 
+@pytest.mark.slow
 def test_temperature_makes_a_proposal_corrected_by_importance_weights(make_trainer) -> None:
     trainer = make_trainer(temperature=0.7, steps=2)
     batch = trainer.sample(0)

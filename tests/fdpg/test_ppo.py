@@ -165,6 +165,7 @@ def test_old_values_from_the_sampling_pass_equal_a_forward_pass(make_trainer) ->
     assert bool((from_sampling[batch.completion_mask == 0] == 0).all())
 
 
+@pytest.mark.slow
 def test_ppo_with_a_separate_value_model(make_trainer, tiny_model_dir: Path) -> None:
     trainer = make_trainer(algo="ppo", steps=1, lora_r=4, critic="value_model", value_model=str(tiny_model_dir))
     assert trainer.train()["status"] == "finished"

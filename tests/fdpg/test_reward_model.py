@@ -146,6 +146,7 @@ def test_training_raises_heldout_accuracy_and_leaves_a_loadable_model(bert_dir, 
 
 
 # ---------------------------------------------------------------------------------------------- 2. rankings
+@pytest.mark.slow
 def test_a_ranking_is_k_forward_rows_and_the_gradient_is_that_of_every_pair(bert_dir, tmp_path):
     rows = z_rankings(12, seed=3, sizes=(3, 4, 5))
     trainer = make_trainer(bert_dir, tmp_path / "run", rows, batch_size=4, micro_batch_size=2, heldout_fraction=0)

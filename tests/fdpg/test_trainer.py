@@ -50,6 +50,7 @@ def _check_run_dir(run_dir: Path, steps: int, weights_file: str) -> list[dict]:
     return metrics
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_run_writes_everything_and_trains(make_trainer, tiny_model_dir: Path) -> None:
     trainer = make_trainer(steps=3)
     before = trainable_state(trainer)
@@ -104,6 +105,7 @@ def test_lora_run_reference_is_the_adapter_free_base(make_trainer, tiny_model_di
     assert any("lora_" in k for k in load_file(str(trainer.run_dir / "final" / "adapter_model.safetensors")))
 
 
+@pytest.mark.slow
 def test_second_run_never_overwrites_the_first(make_trainer, tmp_path: Path) -> None:
     first = make_trainer(steps=1, output_dir=tmp_path / "same")
     first.train()
@@ -181,6 +183,7 @@ def test_lora_target_modules_that_do_not_exist_name_the_real_layers(make_trainer
         make_trainer(lora_r=4, lora_target_modules="c_attn")
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_samples_from_the_policy_it_trains(make_trainer) -> None:
     """Under --mixed_precision bf16 generation runs under the same autocast as the scoring and training passes,
     so the recorded log pi is that of the bf16 policy (not of the fp32 one) and a step trains."""

@@ -196,6 +196,7 @@ def test_bf16_rewards_from_the_training_forward_correct_a_sampler_that_differs(e
         assert p_value < 1e-6, f"the bias is not seen (T^2 = {t2:.1f} on {rank} dof, p = {p_value:.2g})"
 
 
+@pytest.mark.slow
 def test_top_p_gradient_is_the_gradient_over_the_nucleus(enumerable_model_dir: Path, tmp_path: Path) -> None:
     """Under top-p, q = 0 outside the nucleus: the estimate is unbiased for the nucleus' expectation (which is
     not the full gradient), and the log q the sampler records is the exact nucleus probability."""

@@ -99,6 +99,7 @@ def test_windowed_estimate_tracks_the_last_samples(rl_problem: ToyProblem) -> No
     assert abs(estimator.log_z() - rl_problem.log_Z) < 4 * se / math.exp(rl_problem.log_Z)
 
 
+@pytest.mark.slow
 def test_per_key_estimates_for_conditional_targets() -> None:
     """Two prompts with different targets (and different Z), their samples interleaved in batches."""
     prompts = {"rl": make_problem("rl"), "binary": make_problem("binary")}

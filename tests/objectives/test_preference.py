@@ -72,6 +72,7 @@ def test_dpo_on_bradley_terry_preferences_reaches_the_f_dpg_reverse_kl_target():
     assert 0.5 * (torch.exp(log_a) - p).abs().sum() > 0.1
 
 
+@pytest.mark.slow
 def test_f_dpo_js_optimum_solves_f_prime_equal_to_the_reward():
     """f-DPO's optimum: f'(pi/a) = r/beta + c for one constant c (Wang et al. 2023), here for Jensen-Shannon."""
     log_a, r = toy_preferences(seed=5)

@@ -80,6 +80,7 @@ def test_n8_linear_matches_the_linear_program():
     np.testing.assert_allclose(optimal_rewards("linear", n), lp.x, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_n8_no_feasible_perturbation_improves_the_optimum():
     rng = np.random.default_rng(0)
     for spec in ALL_SPECS:
@@ -114,6 +115,7 @@ def test_linear_odd_n_puts_the_middle_reward_at_one_half():
 
 
 @pytest.mark.parametrize("sigma,at_least", [(1.0, 0.3), (0.1, 0.05)])
+@pytest.mark.slow
 def test_log_sigmoid_has_atoms_at_zero_and_one(sigma, at_least):
     for n in (50, 200):
         r = optimal_rewards(f"log_sigmoid:{sigma}", n)

@@ -151,6 +151,7 @@ def test_spec_target_and_metrics() -> None:
         get_task("code").build(0.1, {"style": "-1"})
 
 
+@pytest.mark.slow
 def test_two_steps_on_the_tiny_model(smoke_run) -> None:
     spec = get_task("code").build(0.1, {}, ['def f(x):\n    """one."""\n', 'def g():\n    """two."""\n'])
     metrics = smoke_run(spec, divergence="fkl")

@@ -78,6 +78,7 @@ def test_two_features_grouped_and_reachability() -> None:
         pytest.approx(0.4, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_base_sampler_draws_from_the_reference_with_stratified_prompts(tiny_model_dir) -> None:
     from fdpg.policy import Policy
 

@@ -113,6 +113,7 @@ def _per_prompt_moment(texts: list[str], prompts: list[str], lam: float) -> floa
     return total
 
 
+@pytest.mark.slow
 def test_two_steps_toward_the_fitted_target(smoke_run, tmp_path) -> None:
     """Random tiny-model text has no gendered words: fit on fixed texts, then train toward that target.
 

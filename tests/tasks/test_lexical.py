@@ -51,6 +51,7 @@ def test_spec_scores_and_target() -> None:
         get_task("lexical").build(0.1, {"wrod": "x"})
 
 
+@pytest.mark.slow
 def test_two_steps_on_the_tiny_model(smoke_run) -> None:
     # "e" as a whole word is frequent enough in the tiny model's random characters for P > 0 in a batch
     spec = get_task("lexical").build(0.1, {"word": "e"}, ["hello", "the cat sat on"])

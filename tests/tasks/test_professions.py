@@ -71,6 +71,7 @@ def test_unconstrained_field_and_bad_options() -> None:
         spec.fitted(lambda n: (["nothing here"] * n, [spec.prompts[0]] * n), 10)
 
 
+@pytest.mark.slow
 def test_two_steps_toward_the_fitted_target(smoke_run) -> None:
     spec = get_task("professions").build(0.1, {f: "0.2" for f in FIELDS}, ["bio:", "life:"])
     fitted, _ = spec.fitted(_sampler(spec.prompts), 40)

@@ -33,6 +33,7 @@ def small_cache(encoder: rc.MiniLMEncoder, tmp_path_factory: pytest.TempPathFact
     return root
 
 
+@pytest.mark.slow
 def test_encoder_embeds_similar_sentences_closer(encoder: rc.MiniLMEncoder) -> None:
     x = encoder.embed(["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."])
     assert x.shape == (3, 384)
@@ -56,6 +57,7 @@ def test_tweets_and_split() -> None:
     assert (rc.split(len(texts), SMALL)[1] == test).all()
 
 
+@pytest.mark.slow
 def test_head_fits_separable_embeddings() -> None:
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 16, generator=g) * 3
@@ -68,6 +70,7 @@ def test_head_fits_separable_embeddings() -> None:
     assert r[0] < -0.9 and r[1] > 0.9 and abs(r[2]) < 1e-3
 
 
+@pytest.mark.slow
 def test_small_training_is_cached_and_loads(small_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key = SMALL.key()
     report = json.loads((small_cache / f"report-{key}.json").read_text())

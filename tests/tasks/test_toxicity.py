@@ -53,6 +53,7 @@ def test_spec_on_the_installed_fortunes() -> None:
     assert metrics["score/toxicity"] == pytest.approx(float(-feats["reward"].mean()))
 
 
+@pytest.mark.slow
 def test_two_steps_on_the_tiny_model(smoke_run) -> None:
     spec = get_task("toxicity").build(0.5, {}, ["you are", "the food was"])
     metrics = smoke_run(spec, divergence="rkl", beta=0.5)
