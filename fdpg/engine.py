@@ -554,24 +554,32 @@ class OnlineTrainer(TrainingLoop):
             batch = self.sample(step)
         with self.timed("score"):
             features = self.score(batch)
-        with self.timed("reference"):
-            token_log_a = self.token_log_probs(batch, reference=True)
         every = self.config.exact_kl_every
-        if every and step % every == 0:
+        if every and step % every == 0:  # its reference pass gives the per-token log a too: no second one
             with self.timed("exact_kl"):
-                self._exact_kl = self.exact_kl(batch)
+                kl, entropy, token_log_a = self.exact_kl(batch)
+            self._exact_kl = (kl, entropy)
+            self._timings.setdefault("time/reference", 0.0)  # the reference ran inside time/exact_kl
+        else:
+            with self.timed("reference"):
+                token_log_a = self.token_log_probs(batch, reference=True)
         return batch, features, token_log_a
 
-    def exact_kl(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B]`` exact next-token KL(pi||a) and entropy summed over each sample's prefix
-        (:func:`fdpg.log_probs.exact_token_kl`), micro-batched."""
+    def exact_kl(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""``[B]`` exact next-token KL(pi||a) and entropy summed over each sample's prefix, and the ``[B, T]``
+        float64 per-token :math:`\log a` from the same reference pass (:func:`fdpg.log_probs.exact_token_kl`),
+        micro-batched."""
         model = self._unwrapped()
+        width = batch.completion_ids.shape[1]
         parts = []
         with self.accelerator.autocast():
             for lo in range(0, len(batch), self.config.micro_batch_size):
                 parts.append(exact_token_kl(model, lambda: self.policy.reference(model),
                                             batch.slice(lo, lo + self.config.micro_batch_size)))
-        return torch.cat([p.kl for p in parts]).cpu(), torch.cat([p.entropy for p in parts]).cpu()
+        token_log_a = torch.cat([torch.nn.functional.pad(p.token_log_a, (0, width - p.token_log_a.shape[1]))
+                                 for p in parts])
+        return (torch.cat([p.kl for p in parts]).cpu(), torch.cat([p.entropy for p in parts]).cpu(),
+                token_log_a.double())
 
     def sample(self, step: int) -> SampleBatch:
         """This process's share of the step's samples, drawn chunk by chunk with per-chunk seeds."""

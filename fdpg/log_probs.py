@@ -181,13 +181,15 @@ def _head(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class ExactTokenStats(NamedTuple):
-    """Per completion (``[B]`` float64 each): the exact next-token KL and entropy summed over its prefix, and its
-    log-probability under the policy and under the reference (from the same logits)."""
+    r"""Per completion (``[B]`` float64 each): the exact next-token KL and entropy summed over its prefix, and its
+    log-probability under the policy and under the reference (from the same logits); and ``token_log_a``, the
+    ``[B, T]`` per-token :math:`\log a(y_t\mid s_t)` (0 where masked), what the reference pass would give."""
 
     kl: torch.Tensor
     entropy: torch.Tensor
     log_pi: torch.Tensor
     log_a: torch.Tensor
+    token_log_a: torch.Tensor
 
 
 @torch.inference_mode()
@@ -231,4 +233,4 @@ def exact_token_kl(model: torch.nn.Module, reference, batch: SampleBatch,
         stats[3, lo:hi] = log_a.gather(-1, tokens[lo:hi]).squeeze(-1).double()
     per_token = torch.zeros((4, *mask.shape), dtype=torch.float64, device=stats.device)
     per_token[:, mask] = stats
-    return ExactTokenStats(*per_token.sum(-1))
+    return ExactTokenStats(*per_token.sum(-1), per_token[3])

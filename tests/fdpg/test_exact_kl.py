@@ -60,3 +60,32 @@ def test_logged_exact_kl_averages_to_the_exact_kl(enumerable_model_dir: Path, tm
     plain = torch.tensor([m["kl_pi_a"] for m in logged], dtype=torch.float64)
     assert float(values.std()) < float(plain.std())
     assert "time/exact_kl" in metrics[0] and "time/exact_kl" not in metrics[1]
+
+
+def test_an_exact_kl_step_takes_log_a_from_its_own_reference_pass(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """On an exact-KL step the reference runs once: the per-token log a come from the exact-KL pass and equal the
+    reference pass's; on the other steps the reference pass runs as before."""
+    from fdpg_testing import build_trainer
+
+    trainer = build_trainer(tiny_model_dir, tmp_path, lora_r=4, exact_kl_every=2, micro_batch_size=3)
+    with torch.no_grad():
+        for name, p in trainer._policy_trainable().items():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # pi != a
+    calls = []
+    original = trainer.token_log_probs
+
+    def counted(batch, reference):
+        calls.append(reference)
+        return original(batch, reference)
+
+    trainer.token_log_probs = counted
+    batch, _, token_log_a = trainer.rollout(0)  # step 0: an exact-KL step
+    assert calls == [] and trainer._exact_kl is not None
+    want = original(batch, reference=True)
+    assert token_log_a.shape == want.shape and token_log_a.dtype == torch.float64
+    torch.testing.assert_close(token_log_a, want, atol=1e-5, rtol=0)
+    assert float((want * batch.completion_mask).abs().sum()) > 1.0
+    trainer._exact_kl = None
+    trainer.rollout(1)
+    assert calls == [True]
