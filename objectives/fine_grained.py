@@ -358,7 +358,10 @@ class FineGrainedReward:
 
     ``reward(texts, token_ids, decode, mask=...)`` returns a :class:`FineGrainedResult`. Each scorer is
     called once per batch (not at all if the batch has no segment for it) with the texts of all
-    segments of all completions, flattened in completion order.
+    segments of all completions, flattened in completion order. The last batch's scores of each component are
+    kept, so scoring the same segments again (a task's :meth:`totals`, then the trainer's per-token placement of
+    the same completions) calls no scorer: a scorer must be a deterministic function of its texts (the trainer
+    checks anyway that the per-token rewards sum to the task's total).
     """
 
     def __init__(self, components: Sequence[Component]) -> None:
@@ -373,6 +376,18 @@ class FineGrainedReward:
         if duplicates:
             raise ObjectiveError(f"component names must be unique, got {', '.join(map(repr, duplicates))} twice")
         self.components = components
+        #: Per component, the last scored (segment texts, completion rows) and their scores.
+        self._last_scores: dict[str, tuple[tuple, list[float]]] = {}
+
+    def _scored(self, component: Component, pending: _Pending) -> list[float]:
+        """:func:`_scored`, reusing the last call's scores when ``pending`` holds the same segments."""
+        key = (tuple(pending.inputs), tuple(pending.rows))
+        last = self._last_scores.get(component.name)
+        if last is not None and last[0] == key:
+            return list(last[1])
+        values = _scored(component, pending)
+        self._last_scores[component.name] = (key, values)
+        return list(values)
 
     @property
     def causal(self) -> bool:
@@ -410,7 +425,7 @@ class FineGrainedReward:
         char_ends = [token_char_ends(ids, decode, None if texts is None else texts[b]) for b, ids in enumerate(rows)]
         final = [decode(ids) if texts is None else texts[b] for b, ids in enumerate(rows)]
         pending = [self._collect(c, final, char_ends) for c in self.components]
-        scores = [_scored(c, p) for c, p in zip(self.components, pending)]
+        scores = [self._scored(c, p) for c, p in zip(self.components, pending)]
         return self._assemble(final, char_ends, width, pending, scores, dtype, device)
 
     score = __call__
@@ -431,7 +446,7 @@ class FineGrainedReward:
         for component in self.components:
             pending = self._collect(component, texts, no_tokens)
             raw = components[component.name] = [[] for _ in texts]
-            for b, value in zip(pending.rows, _scored(component, pending)):
+            for b, value in zip(pending.rows, self._scored(component, pending)):
                 per_row[b].append(component.weight * value)
                 raw[b].append(value)
         totals = torch.tensor([math.fsum(values) for values in per_row], dtype=dtype)

@@ -254,6 +254,15 @@ def test_each_scorer_is_called_once_per_batch_with_every_segment(bpe) -> None:
     assert calls == [["He left.", "He left. He came back.", "hello world", "One.", "One. Two.", "One. Two. Three."]]
     assert result.total.tolist() == [2.0, 1.0, 3.0]
 
+    # the same segments again (the task's totals, then the per-token placement): no second call, the same scores
+    reward = FineGrainedReward([prefix])
+    calls.clear()
+    totals = reward.totals(texts)
+    placed = reward(texts, [pieces(bpe, t) for t in texts], decode)
+    assert len(calls) == 1 and placed.total.tolist() == totals.tolist() == [2.0, 1.0, 3.0]
+    reward.totals(texts[:2])  # other segments: scored
+    assert len(calls) == 2 and calls[-1] == ["He left.", "He left. He came back.", "hello world"]
+
 
 def test_scorer_errors_name_the_component(bpe) -> None:
     decode = decoder(bpe)
