@@ -59,22 +59,23 @@ class FDPGTrainer(OnlineTrainer):
             self._check_token_credit()
         if config.off_policy:
             self.proposal = {k: v.detach().clone() for k, v in self._policy_trainable().items()}
-        #: Pseudo-rewards and pi/q from the training forward's own log pi (see :meth:`forward_rewards`): under
-        #: mixed precision, where the sampling pass's log pi differs from it by up to ~0.3 nats a sequence.
+        #: Under mixed precision the backward takes the pseudo-rewards and pi/q from the training forward's own
+        #: log pi, not the sampling pass's (:meth:`rewards_and_weights`).
         self.rewards_from_forward = config.mixed_precision != "no"
 
-    def forward_rewards(self, log_pi: torch.Tensor, log_p: torch.Tensor,
-                        log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""A micro-batch's :math:`R_j = -f'(\pi_j/p_j)` and :math:`w_j = \pi_j/q_j`, with :math:`\log\pi_j` the
-        training forward's (the function that is differentiated) and :math:`\log q_j` the sampling pass's (the
-        distribution the samples came from).
+    def rewards_and_weights(self, log_pi: torch.Tensor, log_p: torch.Tensor,
+                            log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The pseudo-rewards :math:`R_j = -f'(\pi_j/p_j)` and importance weights :math:`w_j = \pi_j/q_j`
+        (clipped at ``--importance_weight_clip``), :math:`q` the distribution the samples came from.
 
-        Under bf16 the KV-cached decode and the full forward round differently (per sequence 0.04-0.32 nats on
-        SmolLM2-135M, ``bench/bf16_error.py``), so :math:`q \ne \pi_\theta`: taking both from the sampling
-        pass would estimate the gradient of another policy's divergence. With these the estimate
-        :math:`E_q[w (R - b)\nabla\log\pi_\theta]` is that of :math:`D_f(\pi_\theta\|p)` for the policy
-        trained; the baseline :math:`b_j` (the other samples' rewards, from the sampling pass) does not depend on
-        sample j, so it adds no bias."""
+        For the batch, :math:`\log\pi_j` is the sampling pass's (or, off-policy, a pass of the current weights).
+        Under mixed precision each micro-batch's are recomputed from the training forward's own
+        :math:`\log\pi_j`, the function that is differentiated: under bf16 the KV-cached decode and the full
+        forward round differently (per sequence 0.04-0.32 nats on SmolLM2-135M, ``bench/bf16_error.py``), so
+        :math:`q \ne \pi_\theta`, and taking both from the sampling pass would estimate the gradient of another
+        policy's divergence. With them the estimate :math:`E_q[w (R - b)\nabla\log\pi_\theta]` is that of
+        :math:`D_f(\pi_\theta\|p)` for the policy trained; the baseline :math:`b_j` (the other samples' rewards,
+        from the sampling pass) does not depend on sample j, so it adds no bias."""
         cfg = self.config
         rewards = self.divergence.pseudo_reward(log_pi, log_p, max_log_ratio=cfg.max_log_ratio)
         weights = torch.exp(log_pi - log_q)
@@ -136,11 +137,8 @@ class FDPGTrainer(OnlineTrainer):
             g_log_P, g_log_q, g_log_pi, g_log_a = (self.gather(x) for x in (log_P, log_q, log_pi_now, log_a))
             g_features = {k: self.gather(v) for k, v in features.items()}
             g_log_p = self.update_log_z(g_log_P, g_log_q, g_keys)
-            g_rewards = self.divergence.pseudo_reward(g_log_pi, g_log_p, max_log_ratio=cfg.max_log_ratio)
+            g_rewards, g_weights = self.rewards_and_weights(g_log_pi, g_log_p, g_log_q)
             g_baseline = self._baseline(g_rewards, g_keys)
-            g_weights = torch.exp(g_log_pi - g_log_q)
-            if cfg.importance_weight_clip is not None:
-                g_weights = g_weights.clamp(max=cfg.importance_weight_clip)
             refresh = False
             if self.proposal is not None:  # DPG: keep the proposal until pi is closer to p than it is
                 d_pi = float(self.divergence.estimate(g_log_pi, g_log_p, g_log_q))
@@ -168,10 +166,11 @@ class FDPGTrainer(OnlineTrainer):
                         loss = -(w * token_log_pi).sum() / self.local_batch
                     else:
                         log_pi = completion_token_log_probs(self.model, part).sum(-1)
-                        r, w = rewards[lo:hi], weights[lo:hi] if cfg.proposal_differs else None
                         if self.rewards_from_forward:
-                            r, w = self.forward_rewards(log_pi.detach().double().cpu(), log_p[lo:hi],
-                                                        log_q_local[lo:hi])
+                            r, w = self.rewards_and_weights(log_pi.detach().double().cpu(), log_p[lo:hi],
+                                                            log_q_local[lo:hi])
+                        else:
+                            r, w = rewards[lo:hi], weights[lo:hi] if cfg.proposal_differs else None
                         loss = surrogate_loss(log_pi, r.to(log_pi.device), baseline[lo:hi].to(log_pi.device),
                                               None if w is None else w.to(log_pi.device),
                                               normaliser=self.local_batch)
