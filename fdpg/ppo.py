@@ -26,7 +26,6 @@ import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Mapping
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -234,12 +233,10 @@ class PPOTrainer(OnlineTrainer):
             for m in range(cfg.ppo_minibatches):
                 index = order[m * size:(m + 1) * size]
                 n_tokens = float(batch.completion_mask[index].sum())
-                micro = [index[i:i + cfg.micro_batch_size] for i in range(0, size, cfg.micro_batch_size)]
                 minibatch: dict[str, float] = defaultdict(float)  # each micro-batch's share, summed
-                for k, rows in enumerate(micro):
+                for rows, sync in self.accumulation(index):
                     part = batch.rows(rows)
                     w = part.completion_ids.shape[1]
-                    sync = nullcontext() if k == len(micro) - 1 else acc.no_sync(self.model)
                     with self.timed("backward"), sync, acc.autocast():
                         loss, part_stats = self.loss(part, old_log_pi[rows, :w], log_a[rows, :w],
                                                      old_values[rows, :w], advantages[rows, :w], returns[rows, :w],

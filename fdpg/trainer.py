@@ -21,9 +21,7 @@ Korbak et al. 2022); the phases come from :class:`fdpg.engine.OnlineTrainer`:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -154,11 +152,9 @@ class FDPGTrainer(OnlineTrainer):
                                           g_log_p, g_rewards)
 
         with self.timed("backward"):
-            n_micro = math.ceil(len(batch) / cfg.micro_batch_size)
-            for i in range(n_micro):
-                lo, hi = i * cfg.micro_batch_size, (i + 1) * cfg.micro_batch_size
+            for rows, sync in self.accumulation(range(len(batch))):
+                lo, hi = rows.start, rows.stop
                 part = batch.slice(lo, hi)
-                sync = nullcontext() if i == n_micro - 1 else acc.no_sync(self.model)
                 with sync, acc.autocast():
                     if token_weights is not None:  # reward-to-go per token (on-policy, reverse KL)
                         token_log_pi = completion_token_log_probs(self.model, part)
