@@ -91,9 +91,9 @@ class SampleBatch:
     def rows(self, index: torch.Tensor) -> SampleBatch:
         """The rows ``index`` (a 1-d tensor of row numbers, in that order), trimmed like :meth:`slice`."""
         def pick(value):
-            if value is None or torch.is_tensor(value):
-                return None if value is None else value[index]
-            return [value[int(i)] for i in index]
+            if value is None:
+                return None
+            return value[index] if torch.is_tensor(value) else [value[int(i)] for i in index]
         picked = {f.name: pick(getattr(self, f.name)) for f in fields(self)}
         return self._trimmed(picked, len(index) > 0)
 
