@@ -137,10 +137,10 @@ def footer(contention: Contention, load_start: float) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     import torch
 
-    from fdpg.trainer import cpu_bf16_is_native
+    from fdpg.engine import cpu_bf16_is_native, cpu_has_amx
 
     return {"cores": os.cpu_count(), "cpu": torch.backends.cpu.get_cpu_capability(),
-            "bf16_native": cpu_bf16_is_native(), "torch": torch.__version__,
+            "bf16_native": cpu_bf16_is_native(), "amx": cpu_has_amx(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
 
 

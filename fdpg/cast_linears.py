@@ -15,6 +15,13 @@ the samples' recorded :math:`\log q` is :math:`\log\pi_\theta` of the bf16 polic
 into :math:`W` in bf16, as the fp32 path does, would round :math:`W + BA` once and make :math:`q` another function
 than the trained :math:`\pi`; it is not done.)
 
+For sampling (``prepack_rows``: the rows of a decode step) on a CPU with oneDNN, each bf16 copy is also reordered
+once into oneDNN's blocked layout for that row count (``torch.ops.mkldnn._reorder_linear_weight``, what TorchInductor's
+CPU weight prepacking does for bf16) and multiplied by ``torch.ops.mkldnn._linear_pointwise``: the same bf16
+product with fp32 accumulation, rounded to bf16, as ``F.linear``'s oneDNN matmul, in another summation order. On
+SmolLM2-135M's 211 products of a 16-row decode step (2-core Xeon with avx512_bf16, no AMX; weights from memory):
+``F.linear`` on the bf16 copies 67 ms, the prepacked copies 53 ms, fp32 prepacked 58 ms.
+
 The copies live only inside the block (the weights must not change inside it) and take half the memory of the
 fp32 weights; the fp32 master weights and the optimizer are untouched.
 """
@@ -39,16 +46,34 @@ def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def _cast_forward(weight: torch.Tensor, bias: torch.Tensor | None,
-                  dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> F.linear(x, W, c)`` in ``dtype``, with ``W`` and ``c`` cast now, once."""
-    weight = weight.detach().to(dtype)
+def _cast_forward(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  prepack_rows: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> F.linear(x, W, c)`` in ``dtype``, with ``W`` and ``c`` cast now, once (and, with ``prepack_rows``,
+    ``W`` reordered for oneDNN products of that many rows)."""
+    weight = weight.detach().to(dtype).contiguous()
     bias = bias.detach().to(dtype) if bias is not None else None
+    if prepack_rows is None:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x.to(dtype), weight, bias)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(dtype), weight, bias)
+        return forward
 
-    return forward
+    packed, out_features = torch.ops.mkldnn._reorder_linear_weight(weight, prepack_rows), weight.shape[0]
+
+    def packed_forward(x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.to(dtype).reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+        return y.view(*x.shape[:-1], out_features)
+
+    packed_forward.prepacked = True  # type: ignore[attr-defined]  (for tests and benches to see the path taken)
+    return packed_forward
+
+
+def bf16_prepacking_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN can prepack ``dtype`` weights on ``device``: bf16 on a CPU whose oneDNN has native bf16."""
+    from fdpg.onednn_linears import onednn_packing_available
+
+    return (device.type == "cpu" and dtype == torch.bfloat16 and onednn_packing_available()
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 def _castable(module: torch.nn.Module, device: torch.device) -> bool:
@@ -59,8 +84,12 @@ def _castable(module: torch.nn.Module, device: torch.device) -> bool:
 
 
 @contextmanager
-def cast_once_linears(model: torch.nn.Module) -> Iterator[int]:
+def cast_once_linears(model: torch.nn.Module, prepack_rows: int | None = None) -> Iterator[int]:
     """Within the block (entered without grad, under autocast), ``model``'s linear layers use weights cast once.
+
+    ``prepack_rows``: for sampling, the rows of a decode step; where oneDNN allows
+    (:func:`bf16_prepacking_available`) the cast weights are also prepacked for that many rows (other row counts,
+    such as the prompt's prefill, work too). ``None``: the cast weights as they are (passes with many rows).
 
     Yields the number of layers patched: 0 (nothing changed) where gradients are enabled (the training forward
     keeps autocast's per-call casts, whose backward reaches the fp32 weights), where autocast is off, or for the
@@ -72,12 +101,14 @@ def cast_once_linears(model: torch.nn.Module) -> Iterator[int]:
         yield 0
         return
     device = next(model.parameters()).device
+    if prepack_rows is not None and not bf16_prepacking_available(device, dtype):
+        prepack_rows = None
     patched: list[torch.nn.Module] = []
     try:
         with torch.no_grad():
             for module in model.modules():
                 if _castable(module, device):
-                    module.forward = _cast_forward(module.weight, module.bias, dtype)
+                    module.forward = _cast_forward(module.weight, module.bias, dtype, prepack_rows)
                     patched.append(module)
         yield len(patched)
     finally:

@@ -67,6 +67,29 @@ def cpu_bf16_is_native() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles enabled (Sapphire Rapids and later): the matrix units that multiply bf16
+    several times faster than fp32. avx512_bf16 alone (a dot-product instruction) multiplies bf16 no faster than
+    fp32: on a 2-core Xeon with it and no AMX, a 2048^3 product runs at 152 GFLOP/s in bf16, 263 in fp32."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
+
+
+def cpu_bf16_warning() -> str | None:
+    """Why ``--mixed_precision bf16`` will be slower than fp32 on this CPU, or ``None`` where it can pay."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not cpu_bf16_is_native():
+        return (f"--mixed_precision bf16 on a CPU without native bf16 ({capability}, no avx512_bf16/AMX): bf16 "
+                "matmuls take a scalar path, ~50x slower than fp32 on a 2-core AVX2 machine. Use --mixed_precision "
+                "no here.")
+    if not cpu_has_amx():
+        return (f"--mixed_precision bf16 on a CPU with avx512_bf16 but no AMX ({capability}): bf16 matmuls run no "
+                "faster than fp32 ones here (a 2-core Xeon of this kind: 152 against 263 GFLOP/s), so the step is "
+                "slower in bf16 and saves little memory. Use "
+                "--mixed_precision no on this CPU; bf16 pays on AMX CPUs and GPUs.")
+    return None
+
+
 #: What to install for each tracker of ``--report_to``.
 TRACKER_INSTALL = {"tensorboard": 'pip install "fdpg[trackers]"  (tensorboard)', "wandb": "pip install wandb",
                    "mlflow": "pip install mlflow", "comet_ml": "pip install comet_ml", "aim": "pip install aim",
@@ -430,12 +453,10 @@ class OnlineTrainer(TrainingLoop):
             mixed_precision=config.mixed_precision, log_with=trackers or None,
             project_dir=config.resume or config.output_dir,
         )
-        if (self.accelerator.mixed_precision == "bf16" and self.accelerator.device.type == "cpu"
-                and not cpu_bf16_is_native()):
-            warnings.warn(
-                f"--mixed_precision bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}, "
-                "no avx512_bf16/AMX): bf16 matmuls take a scalar path, ~50x slower than fp32 on a 2-core AVX2 "
-                "machine. Use --mixed_precision no here.", stacklevel=3)
+        slow_bf16 = cpu_bf16_warning() if (self.accelerator.mixed_precision == "bf16"
+                                           and self.accelerator.device.type == "cpu") else None
+        if slow_bf16:
+            warnings.warn(slow_bf16, stacklevel=3)
         world = self.accelerator.num_processes
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         # Otherwise each process would train alone, all of them writing the same run directory.

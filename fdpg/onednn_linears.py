@@ -112,7 +112,8 @@ def onednn_linears(model: torch.nn.Module, prepack_rows: int | None) -> Iterator
     are used as they are, for passes with many rows (the reference log-probs, no copy).
 
     Under autocast (``--mixed_precision bf16``, on any device) the block is :func:`fdpg.cast_linears.cast_once_linears`
-    instead: the linear layers multiply by weights cast to bf16 once on entry, the same arithmetic as autocast's.
+    instead: the linear layers multiply by weights cast to bf16 once on entry (prepacked for ``prepack_rows`` on a CPU
+    with native bf16), the same arithmetic as autocast's.
 
     Yields the number of layers patched: 0 (nothing changed) where gradients are enabled (the oneDNN op has no
     backward), without oneDNN, or for a model with no such layer. Left as they are:
@@ -124,7 +125,7 @@ def onednn_linears(model: torch.nn.Module, prepack_rows: int | None) -> Iterator
     enclosing block covers), so a caller that samples in chunks packs once around its loop, not once a chunk.
     """
     if not torch.is_grad_enabled() and autocast_dtype(model) not in (None, torch.float32):
-        with cast_once_linears(model) as n:  # --mixed_precision: the weights cast to bf16 once, not per call
+        with cast_once_linears(model, prepack_rows) as n:  # --mixed_precision: bf16 weights cast (and packed) once
             yield n
         return
     if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not onednn_packing_available():

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from fdpg_testing import nonzero_lora_policy
 
-from fdpg.cast_linears import cast_once_linears
+from fdpg.cast_linears import bf16_prepacking_available, cast_once_linears
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.onednn_linears import onednn_linears
 from fdpg.sampling import sample_completions
@@ -35,6 +35,29 @@ def test_a_pass_in_the_block_is_autocasts_forward_with_every_linear_cast(tiny_mo
     with torch.no_grad():
         fp32 = completion_token_log_probs(model, batch)
     assert float((fp32 - want).abs().max()) > 1e-4  # bf16 is another function: the comparison above can fail
+
+
+def test_weights_prepacked_for_sampling_compute_the_same_function(tiny_model_dir: Path, monkeypatch) -> None:
+    """With ``prepack_rows`` (sampling) the bf16 copies are also reordered for oneDNN where the CPU has native bf16:
+    the same bf16 products, in another summation order; elsewhere the block falls back to the plain copies."""
+    import fdpg.cast_linears as cast_linears
+
+    model, batch, linears = _setup(tiny_model_dir)
+    packable = bf16_prepacking_available(torch.device("cpu"), torch.bfloat16)
+    with torch.no_grad(), torch.autocast(**BF16):
+        want = completion_token_log_probs(model, batch)
+        with cast_once_linears(model, prepack_rows=len(batch)) as patched:
+            prepacked = [getattr(m.forward, "prepacked", False) for m in model.modules() if "forward" in vars(m)]
+            got = completion_token_log_probs(model, batch)
+        monkeypatch.setattr(cast_linears, "bf16_prepacking_available", lambda *_: False)
+        with cast_once_linears(model, prepack_rows=len(batch)):
+            fallback = completion_token_log_probs(model, batch)
+            fallback_prepacked = [getattr(m.forward, "prepacked", False) for m in model.modules()
+                                  if "forward" in vars(m)]
+    assert patched == linears and prepacked == [packable] * linears and not any(fallback_prepacked)
+    # Two summation orders may round a bf16 output an ulp apart (2^-8 relative); on this model they agree (0.0).
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
+    torch.testing.assert_close(fallback, want, atol=1e-6, rtol=0)
 
 
 def test_the_weights_are_cast_on_entry_and_restored_on_exit(tiny_model_dir: Path) -> None:
