@@ -44,6 +44,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from fdpg.cast_linears import cast_frozen_linears
 from fdpg.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fdpg.config import TrainConfig, incompatible_settings
 from fdpg.log_probs import completion_token_log_probs, exact_token_kl
@@ -60,6 +61,10 @@ from objectives.partition import GLOBAL_KEY
 Scorer = Callable[[list[str], list[str]], Mapping[str, Any]]
 #: ``metrics(features) -> {name: value}``: the task's alignment metrics of a batch.
 MetricsFn = Callable[[Mapping[str, torch.Tensor]], Mapping[str, float]]
+
+
+#: The dtype autocast computes in for each ``--mixed_precision``.
+MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_bf16_is_native() -> bool:
@@ -269,8 +274,12 @@ class TrainingLoop:
         backward runs in: no gradient all-reduce across processes (accelerate's ``no_sync``) but for the last."""
         size = size or self.config.micro_batch_size
         n = math.ceil(len(items) / size)
-        for i in range(n):
-            yield items[i * size:(i + 1) * size], nullcontext() if i == n - 1 else self.accelerator.no_sync(self.model)
+        # Under --mixed_precision the frozen weights are cast once for the whole loop, not at each forward.
+        with cast_frozen_linears(self.accelerator.unwrap_model(self.model), MIXED_PRECISION_DTYPES.get(
+                self.accelerator.mixed_precision)):
+            for i in range(n):
+                yield (items[i * size:(i + 1) * size],
+                       nullcontext() if i == n - 1 else self.accelerator.no_sync(self.model))
 
     # ------------------------------------------------------------------ the loop
     @property

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from fdpg.cast_linears import cast_weights
 from fdpg.sampling import SampleBatch
 
 #: Rows of the LM head computed at once by :class:`LinearTokenLogProb` (256 x 49k fp32 logits: 50 MB; fewer
@@ -68,7 +69,8 @@ def completion_token_log_probs(model: torch.nn.Module, batch: SampleBatch, retur
         if not _HEAD_CHECKED[head]:
             return completion_token_log_probs(model, batch, return_hidden)  # now through the logits path
     mask = batch.completion_mask.bool()
-    log_probs = LinearTokenLogProb.apply(hidden[mask], head.weight, head.bias, batch.completion_ids[mask])
+    weight, bias = cast_weights(head) or (head.weight, head.bias)  # under autocast: the copy cast for the step
+    log_probs = LinearTokenLogProb.apply(hidden[mask], weight, bias, batch.completion_ids[mask])
     token_log_probs = torch.zeros(mask.shape, dtype=log_probs.dtype, device=log_probs.device).masked_scatter(
         mask, log_probs)
     return (token_log_probs, hidden) if return_hidden else token_log_probs
@@ -108,6 +110,9 @@ class LinearTokenLogProb(torch.autograd.Function):
                 tokens: torch.Tensor) -> torch.Tensor:
         need_grad = ctx.needs_input_grad[0]
         n = hidden.shape[0]
+        low = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+        if low is not None and low != torch.float32:  # autocast's cast of the frozen head, once, not 2 per chunk
+            weight, bias = weight.to(low), None if bias is None else bias.to(low)
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits are reduced in float32
         log_probs = torch.empty(n, dtype=dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from fdpg_testing import nonzero_lora_policy
 
-from fdpg.cast_linears import bf16_prepacking_available, cast_once_linears
+from fdpg.cast_linears import bf16_prepacking_available, cast_frozen_linears, cast_once_linears, cast_weights
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.onednn_linears import onednn_linears
 from fdpg.sampling import sample_completions
@@ -114,3 +114,57 @@ def test_bf16_samples_record_the_log_q_of_the_bf16_training_forward(tiny_model_d
     fp32_gap = ((batch.token_log_q - fp32) * mask).abs()
     assert float(gap.max()) < 2e-2 and float(gap.sum(-1).max()) < 5e-2, (gap.max(), gap.sum(-1))
     assert float(fp32_gap.sum(-1).mean()) > 3 * float(gap.sum(-1).mean())
+
+
+def _forward_backward(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training pass under bf16 autocast: per-token log pi, and the gradient of their sum for what trains."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(**BF16):
+        values = completion_token_log_probs(model, batch)
+    values.sum().backward()
+    return values.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_frozen_weights_cast_once_give_autocasts_training_pass_and_gradient(tiny_model_dir: Path) -> None:
+    """The training forward inside cast_frozen_linears (frozen base layers and LM head cast once, the adapter left to
+    autocast) computes autocast's log pi and the same adapter gradient; outside autocast, the fp32 pass."""
+    model, batch, _ = _setup(tiny_model_dir)
+    frozen = sum(type(m) is torch.nn.Linear and not m.weight.requires_grad for m in model.modules())
+    want, want_grads = _forward_backward(model, batch)
+    with cast_frozen_linears(model, torch.bfloat16) as patched:
+        got, got_grads = _forward_backward(model, batch)
+        head = model.get_output_embeddings()
+        with torch.autocast(**BF16):
+            assert cast_weights(head)[0].dtype == torch.bfloat16  # the fused head multiplies by the copy
+        assert cast_weights(head) is None  # outside autocast: the fp32 weight
+        with torch.no_grad():
+            fp32_inside = completion_token_log_probs(model, batch)
+    with torch.no_grad():
+        fp32 = completion_token_log_probs(model, batch)
+    assert patched == frozen > 0 and not any("forward" in vars(m) for m in model.modules())
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert want_grads.keys() == got_grads.keys() and len(want_grads) > 0
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    torch.testing.assert_close(fp32_inside, fp32, atol=0, rtol=0)
+    assert float((fp32 - want).abs().max()) > 1e-4  # bf16 is another function: the comparisons can fail
+
+
+def test_frozen_weights_are_cast_on_entry_and_trainable_ones_are_left_to_autocast(tiny_model_dir: Path) -> None:
+    model, batch, _ = _setup(tiny_model_dir)
+    base = model.get_base_model().model.layers[0].mlp.down_proj
+    saved = base.base_layer.weight.detach().clone()
+    with torch.no_grad(), torch.autocast(**BF16):
+        before = completion_token_log_probs(model, batch)
+    with cast_frozen_linears(model, torch.bfloat16), torch.no_grad():
+        base.base_layer.weight.zero_()  # frozen: the block multiplies by its copy, made on entry
+        with torch.autocast(**BF16):
+            inside = completion_token_log_probs(model, batch)
+        base.base_layer.weight.copy_(saved)
+        base.lora_B["default"].weight.mul_(0)  # trainable: autocast's cast, at each call
+        with torch.autocast(**BF16):
+            without_adapter = completion_token_log_probs(model, batch)
+    torch.testing.assert_close(inside, before, atol=1e-6, rtol=0)
+    assert not torch.allclose(without_adapter, before)
+    with cast_frozen_linears(model, None) as none, cast_frozen_linears(model, torch.float32) as fp32:
+        assert none == fp32 == 0
