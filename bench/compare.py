@@ -9,6 +9,12 @@ here (two models live in this process): see step.py / floor.py / peers.py.
     python bench/compare.py [--full] [--steps 10] [--warmup 1] [--mixed_precision bf16]
         [--floors generate,lean+tlin]   (several floor variants, each alternated with fdpg; the first one is
                                           "floor", the reference of ratio_fdpg_over_floor)
+        [--fdpg_autocast_casts]          (bf16: also fdpg with autocast's own casts, side "fdpg:autocast_casts")
+
+``--fdpg_autocast_casts`` alternates, in the same process, a second fdpg trainer whose steps run without the
+cast-once copies this engine adds under bf16 (no prepacked bf16 weights for sampling, autocast's per-call casts of
+the frozen weights in the training pass and of the LM head at every chunk; what fdpg did before them): their
+before and after on one machine state, as ``ratio_fdpg_over_autocast_casts``.
 """
 
 from __future__ import annotations
@@ -16,12 +22,46 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 from floor import Floor  # noqa: E402
 from step import FdpgStepper  # noqa: E402
+
+
+@contextmanager
+def autocast_casts():
+    """Within the block fdpg's bf16 passes cast as plain autocast does (the engine before the cast-once copies)."""
+    import fdpg.cast_linears
+    import fdpg.engine
+    import fdpg.log_probs
+
+    @contextmanager
+    def nothing(*_):
+        yield 0
+
+    patches = [(fdpg.cast_linears, "bf16_prepacking_available", lambda *_: False),
+               (fdpg.engine, "cast_frozen_linears", nothing),
+               (fdpg.log_probs, "cast_weights", lambda _: None),
+               (fdpg.log_probs, "autocast_weights", lambda w, b: (w, b))]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    try:
+        for module, name, value in patches:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+class AutocastCastsStepper(FdpgStepper):
+    """fdpg's step with autocast's own casts (:func:`autocast_casts`)."""
+
+    def __call__(self, i: int) -> dict:
+        with autocast_casts():
+            return super().__call__(i)
 
 
 def main() -> None:
@@ -34,6 +74,8 @@ def main() -> None:
     ap.add_argument("--floors", default="lean,generate",
                     help="comma-separated floor variants (bench/floor.py --variant); the first is the reference")
     ap.add_argument("--no_fdpg", action="store_true", help="alternate the floor variants only")
+    ap.add_argument("--fdpg_autocast_casts", action="store_true",
+                    help="also alternate fdpg without its bf16 cast-once copies (side fdpg:autocast_casts)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--interop_threads", type=int, default=None)
     ap.add_argument("--no_wait", action="store_true", help="start even if other processes keep the CPU busy")
@@ -44,6 +86,8 @@ def main() -> None:
     load0 = common.loadavg()
     contention = common.Contention()
     sides = {} if args.no_fdpg else {"fdpg": FdpgStepper(args.full, args.mixed_precision)}
+    if args.fdpg_autocast_casts:
+        sides["fdpg:autocast_casts"] = AutocastCastsStepper(args.full, args.mixed_precision)
     variants = [v.strip() for v in args.floors.split(",") if v.strip()]
     if args.mixed_precision == "bf16":
         variants = [v if "bf16" in v.split("+") else v + "+bf16" for v in variants]
@@ -51,7 +95,7 @@ def main() -> None:
         sides["floor" if j == 0 else f"floor:{v}"] = Floor(args.full, v)
     names = list(sides)
     recs: dict[str, list[dict]] = {k: [] for k in sides}
-    ratios = []
+    ratios, cast_ratios = [], []
     for i in range(args.warmup + args.steps):
         order = names[i % len(names):] + names[:i % len(names)]  # rotate: nobody always runs first
         this = {}
@@ -68,6 +112,8 @@ def main() -> None:
                 recs[name].append(this[name])
             if "fdpg" in this:
                 ratios.append(this["fdpg"]["time"] / this["floor"]["time"])
+            if "fdpg:autocast_casts" in this:
+                cast_ratios.append(this["fdpg"]["time"] / this["fdpg:autocast_casts"]["time"])
     out: dict = {"bench": "compare", "workload": "W-full" if args.full else "W",
                  "mixed_precision": args.mixed_precision, "floor_variant": variants[0]}
     busy = [max(recs[n][k]["others"] for n in names) for k in range(args.steps)]
@@ -81,6 +127,10 @@ def main() -> None:
         out["ratio_fdpg_over_floor"] = round(out["fdpg"]["s_per_step"] / out["floor"]["s_per_step"], 3)
         out["ratio_per_round_median"] = round(common.median([ratios[k] for k in calm]), 3)
         out["ratios_per_round"] = [round(r, 3) for r in ratios]
+    if cast_ratios:
+        out["ratio_fdpg_over_autocast_casts"] = round(
+            out["fdpg"]["s_per_step"] / out["fdpg:autocast_casts"]["s_per_step"], 3)
+        out["ratio_over_autocast_casts_per_round_median"] = round(common.median([cast_ratios[k] for k in calm]), 3)
     out["others_busy_per_round"] = busy
     out.update(common.footer(contention, load0))
     common.emit(out)

@@ -10,6 +10,10 @@ Three measurements, each alternated over ``--rounds`` (medians reported), on wor
    ``fdpg.onednn_linears.onednn_linears`` (prepacked, LoRA merged, packing time included);
 3. ``reference``: the trainer's reference log-probs of one step's batch with and without it (weights as they are).
 
+On a CPU with native bf16 also what ``--mixed_precision bf16`` multiplies by: in 1., the bf16 copies of the weights
+through ``F.linear`` and prepacked for oneDNN; and a whole ``generate`` under bf16 autocast with the cast copies
+plain or prepacked (``fdpg.cast_linears``).
+
     python bench/linears.py [--rounds 3]
 """
 
@@ -26,6 +30,37 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import MAX_NEW_TOKENS, PROMPTS  # noqa: E402
 from step import build_trainer  # noqa: E402
+
+
+def bf16_native() -> bool:
+    from fdpg.engine import cpu_bf16_is_native
+
+    return cpu_bf16_is_native()
+
+
+def bf16_generate_s(model, tokenizer, rounds: int) -> dict[str, float]:
+    """Seconds for a whole ``generate`` under bf16 autocast with the weights cast once, prepacked for oneDNN or not
+    (``fdpg.cast_linears``; packing time included), alternated over rounds."""
+    import torch
+
+    import fdpg.cast_linears
+
+    available = fdpg.cast_linears.bf16_prepacking_available
+    times: dict[str, list[float]] = {"generate_bf16_cast_s": [], "generate_bf16_prepacked_s": []}
+    try:
+        for r in range(rounds + 1):
+            order = [("generate_bf16_cast_s", lambda *_: False), ("generate_bf16_prepacked_s", available)]
+            for name, packing in order if r % 2 else order[::-1]:
+                fdpg.cast_linears.bf16_prepacking_available = packing
+                start = common.now()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    fdpg.sampling.sample_completions(model, tokenizer, PROMPTS, MAX_NEW_TOKENS, seed=r)
+                if r:
+                    times[name].append(common.now() - start)
+                common.log(f"[linears] round {r} {name}: {common.now() - start:.2f} s")
+    finally:
+        fdpg.cast_linears.bf16_prepacking_available = available
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
 
 
 def layer_pass_ms(model, rows: int, rounds: int) -> dict[str, float]:
@@ -47,6 +82,21 @@ def layer_pass_ms(model, rows: int, rounds: int) -> dict[str, float]:
             torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], w, None, "none", [], "")
 
     variants = {"mkl": mkl, "onednn": lambda: onednn(weights), "onednn_prepacked": lambda: onednn(packed)}
+    if bf16_native():  # what --mixed_precision bf16 multiplies by: the cast copies, plain or prepacked
+        bf16 = [w.to(torch.bfloat16) for w in weights]
+        bf16_packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in bf16]
+        bf16_inputs = {k: x.to(torch.bfloat16) for k, x in inputs.items()}
+
+        def bf16_pass(ws, packed_weights: bool):
+            for w in ws:
+                x = bf16_inputs[w.shape[1]]
+                if packed_weights:
+                    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                else:
+                    F.linear(x, w)
+
+        variants |= {"bf16_linear": lambda: bf16_pass(bf16, False),
+                     "bf16_onednn_prepacked": lambda: bf16_pass(bf16_packed, True)}
     times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.inference_mode():
         for _ in range(rounds + 1):  # the first round warms up
@@ -105,6 +155,8 @@ def main() -> None:
         record[f"{name}_s"] = round(statistics.median(values), 3)
     for phase in ("generate", "reference"):
         record[f"{phase}_speedup"] = round(record[f"{phase}_mkl_s"] / record[f"{phase}_onednn_s"], 3)
+    if bf16_native():
+        record |= bf16_generate_s(model, tokenizer, args.rounds)
     common.emit(record | common.footer(contention, load0))
 
 

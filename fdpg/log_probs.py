@@ -97,6 +97,16 @@ def _head_reproduces_logits(head: torch.nn.Linear, hidden: torch.Tensor, logits:
     return bool(torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * (1.0 + float(theirs.abs().max()))))
 
 
+def autocast_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A frozen layer's weight and bias as autocast would cast them for a product now (unchanged without autocast):
+    cast once for a whole chunked call rather than by autocast at each chunk's two products."""
+    device_type = weight.device.type
+    if not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) == torch.float32:
+        return weight, bias
+    low = torch.get_autocast_dtype(device_type)
+    return weight.to(low), None if bias is None else bias.to(low)
+
+
 class LinearTokenLogProb(torch.autograd.Function):
     r"""``log_softmax(hidden @ W.T + c)[tokens]`` for ``[N, D]`` rows, never holding ``[N, V]`` logits.
 
@@ -110,9 +120,7 @@ class LinearTokenLogProb(torch.autograd.Function):
                 tokens: torch.Tensor) -> torch.Tensor:
         need_grad = ctx.needs_input_grad[0]
         n = hidden.shape[0]
-        low = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
-        if low is not None and low != torch.float32:  # autocast's cast of the frozen head, once, not 2 per chunk
-            weight, bias = weight.to(low), None if bias is None else bias.to(low)
+        weight, bias = autocast_weights(weight, bias)
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits are reduced in float32
         log_probs = torch.empty(n, dtype=dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
