@@ -20,7 +20,7 @@ once into oneDNN's blocked layout for that row count (``torch.ops.mkldnn._reorde
 CPU weight prepacking does for bf16) and multiplied by ``torch.ops.mkldnn._linear_pointwise``: the same bf16
 product with fp32 accumulation, rounded to bf16, as ``F.linear``'s oneDNN matmul, in another summation order. On
 SmolLM2-135M's 211 products of a 16-row decode step (2-core Xeon with avx512_bf16, no AMX; weights from memory):
-``F.linear`` on the bf16 copies 67 ms, the prepacked copies 53 ms, fp32 prepacked 58 ms.
+``F.linear`` on the bf16 copies 63.8 ms, the prepacked copies 50.9 ms, fp32 prepacked 57.2 ms (``bench/linears.py``).
 
 The copies live only inside the block (the weights must not change inside it) and take half the memory of the
 fp32 weights; the fp32 master weights and the optimizer are untouched.
