@@ -214,3 +214,22 @@ def test_bf16_on_a_cpu_where_it_is_slower_warns(make_trainer, monkeypatch, nativ
         make_trainer(mixed_precision="bf16", lora_r=4)
     slow = [str(w.message) for w in caught if "--mixed_precision bf16 on a CPU" in str(w.message)]
     assert slow == ([] if says is None else [slow[0]]) and (says is None or says in slow[0]), slow
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_the_micro_batch_loop_casts_the_frozen_weights_once_under_bf16(make_trainer, precision: str) -> None:
+    """Every algorithm's backward loop (TrainingLoop.accumulation) runs with the frozen linear layers on copies cast
+    once for the step under --mixed_precision bf16 (fdpg.cast_linears.cast_frozen_linears), and only then; the
+    adapter's layers keep autocast's casts, and every forward is restored after the loop."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 on a CPU where it is slow
+        trainer = make_trainer(mixed_precision=precision, lora_r=4)
+    modules = list(trainer._unwrapped().modules())
+    frozen = [m for m in modules if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    trainable = [m for m in modules if type(m) is torch.nn.Linear and m.weight.requires_grad]
+    seen = []
+    for rows, _ in trainer.accumulation(range(4), size=2):
+        seen.append(sum("forward" in vars(m) for m in frozen))
+        assert not any("forward" in vars(m) for m in trainable)
+    assert frozen and trainable and seen == [len(frozen) if precision == "bf16" else 0] * 2
+    assert not any("forward" in vars(m) for m in frozen)  # (accelerate wraps the top model's own forward)
