@@ -228,7 +228,7 @@ def test_the_micro_batch_loop_casts_the_frozen_weights_once_under_bf16(make_trai
     frozen = [m for m in modules if type(m) is torch.nn.Linear and not m.weight.requires_grad]
     trainable = [m for m in modules if type(m) is torch.nn.Linear and m.weight.requires_grad]
     seen = []
-    for rows, _ in trainer.accumulation(range(4), size=2):
+    for _rows, _ in trainer.accumulation(range(4), size=2):
         seen.append(sum("forward" in vars(m) for m in frozen))
         assert not any("forward" in vars(m) for m in trainable)
     assert frozen and trainable and seen == [len(frozen) if precision == "bf16" else 0] * 2
