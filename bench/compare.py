@@ -44,8 +44,7 @@ def autocast_casts():
 
     patches = [(fdpg.cast_linears, "bf16_prepacking_available", lambda *_: False),
                (fdpg.engine, "cast_frozen_linears", nothing),
-               (fdpg.log_probs, "cast_weights", lambda _: None),
-               (fdpg.log_probs, "autocast_weights", lambda w, b: (w, b))]
+               (fdpg.log_probs, "frozen_product_weights", lambda head: (head.weight, head.bias))]
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     try:
         for module, name, value in patches:

@@ -32,12 +32,6 @@ from common import MAX_NEW_TOKENS, PROMPTS  # noqa: E402
 from step import build_trainer  # noqa: E402
 
 
-def bf16_native() -> bool:
-    from fdpg.engine import cpu_bf16_is_native
-
-    return cpu_bf16_is_native()
-
-
 def bf16_generate_s(model, tokenizer, rounds: int) -> dict[str, float]:
     """Seconds for a whole ``generate`` under bf16 autocast with the weights cast once, prepacked for oneDNN or not
     (``fdpg.cast_linears``; packing time included), alternated over rounds."""
@@ -82,7 +76,9 @@ def layer_pass_ms(model, rows: int, rounds: int) -> dict[str, float]:
             torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], w, None, "none", [], "")
 
     variants = {"mkl": mkl, "onednn": lambda: onednn(weights), "onednn_prepacked": lambda: onednn(packed)}
-    if bf16_native():  # what --mixed_precision bf16 multiplies by: the cast copies, plain or prepacked
+    from fdpg.engine import cpu_bf16_is_native
+
+    if cpu_bf16_is_native():  # what --mixed_precision bf16 multiplies by: the cast copies, plain or prepacked
         bf16 = [w.to(torch.bfloat16) for w in weights]
         bf16_packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in bf16]
         bf16_inputs = {k: x.to(torch.bfloat16) for k, x in inputs.items()}
@@ -119,6 +115,7 @@ def main() -> None:
 
     import fdpg.engine
     import fdpg.sampling
+    from fdpg.engine import cpu_bf16_is_native
     from fdpg.onednn_linears import onednn_linears
 
     @contextmanager
@@ -155,7 +152,7 @@ def main() -> None:
         record[f"{name}_s"] = round(statistics.median(values), 3)
     for phase in ("generate", "reference"):
         record[f"{phase}_speedup"] = round(record[f"{phase}_mkl_s"] / record[f"{phase}_onednn_s"], 3)
-    if bf16_native():
+    if cpu_bf16_is_native():
         record |= bf16_generate_s(model, tokenizer, args.rounds)
     common.emit(record | common.footer(contention, load0))
 

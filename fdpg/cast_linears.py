@@ -28,10 +28,11 @@ fp32 weights; the fp32 master weights and the optimizer are untouched.
 The training forward keeps autocast, but its frozen weights (a LoRA model's base layers, a frozen LM head) need
 no gradient, so autocast casts them again at every micro-batch's forward for nothing: inside
 :func:`cast_frozen_linears` (the engine's micro-batch loop, :meth:`fdpg.engine.TrainingLoop.accumulation`) they
-are cast once for the step. The product is autocast's, and so is its backward (the gradient reaches the input
-through the bf16 weight, as autocast's saved cast does); the weights that train (the adapter, or every weight of a
-full fine-tune) keep autocast's own casts, whose backward reaches the fp32 masters. A micro-batch forward+backward
-of workload W (8 x 48 tokens, SmolLM2-135M, LoRA) spent 19% of its time in ``copy_`` (the casts) before.
+are cast once for the loop of micro-batches of each optimizer update. The product is autocast's, and so is its
+backward (the gradient reaches the input through the bf16 weight, as autocast's saved cast does); the weights
+that train (the adapter, or every weight of a full fine-tune) keep autocast's own casts, whose backward reaches
+the fp32 masters. A micro-batch forward+backward of workload W (8 x 48 tokens, SmolLM2-135M, LoRA) spent 19% of
+its time in ``copy_`` (the casts) before (torch profiler).
 """
 
 from __future__ import annotations
@@ -43,15 +44,18 @@ import torch
 import torch.nn.functional as F
 
 
+def autocast_dtype_on(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device_type`` right now (``None`` when autocast is off there)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The dtype autocast computes in for ``model``'s device right now (``None`` when autocast is off there)."""
     try:
         device_type = next(model.parameters()).device.type
     except StopIteration:
         return None
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
+    return autocast_dtype_on(device_type)
 
 
 def _cast_forward(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
@@ -64,7 +68,7 @@ def _cast_forward(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
         def forward(x: torch.Tensor) -> torch.Tensor:
             return F.linear(x.to(dtype), weight, bias)
 
-        forward.cast = (weight, bias)  # type: ignore[attr-defined]  (see cast_weights)
+        forward.cast = (weight, bias)  # type: ignore[attr-defined]  (see frozen_product_weights)
         return forward
 
     packed, out_features = torch.ops.mkldnn._reorder_linear_weight(weight, prepack_rows), weight.shape[0]
@@ -133,25 +137,24 @@ def _frozen_cast_forward(module: torch.nn.Module, dtype: torch.dtype,
     own = type(module).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == dtype:
-            return cast(x)
-        return own(module, x)
+        return cast(x) if autocast_dtype_on(device_type) == dtype else own(module, x)
 
     forward.cast = cast.cast  # type: ignore[attr-defined]
     return forward
 
 
-def cast_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The weight and bias a block of this module made for ``module`` (cast once, not prepacked), if autocast
-    computes in their dtype right now; else ``None``. For code that multiplies by a layer's weight without calling
-    the layer (the LM head fused with the log-softmax, :class:`fdpg.log_probs.LinearTokenLogProb`)."""
+def frozen_product_weights(module: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias a frozen linear layer multiplies by right now, for code that multiplies by them without
+    calling the layer (the LM head fused with the log-softmax, :class:`fdpg.log_probs.LinearTokenLogProb`): under
+    autocast the copy a block of this module made (cast once, not prepacked), else a copy cast now, once for the
+    whole call (autocast would cast them again at each product); without autocast the layer's own."""
+    low = autocast_dtype_on(module.weight.device.type)
+    if low is None or low == torch.float32:
+        return module.weight, module.bias
     cast = getattr(vars(module).get("forward"), "cast", None)
-    if cast is None:
-        return None
-    device_type = cast[0].device.type
-    if not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) != cast[0].dtype:
-        return None
-    return cast
+    if cast is not None and cast[0].dtype == low:
+        return cast
+    return module.weight.to(low), None if module.bias is None else module.bias.to(low)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fdpg.cast_linears import cast_weights
+from fdpg.cast_linears import frozen_product_weights
 from fdpg.sampling import SampleBatch
 
 #: Rows of the LM head computed at once by :class:`LinearTokenLogProb` (256 x 49k fp32 logits: 50 MB; fewer
@@ -69,7 +69,7 @@ def completion_token_log_probs(model: torch.nn.Module, batch: SampleBatch, retur
         if not _HEAD_CHECKED[head]:
             return completion_token_log_probs(model, batch, return_hidden)  # now through the logits path
     mask = batch.completion_mask.bool()
-    weight, bias = cast_weights(head) or (head.weight, head.bias)  # under autocast: the copy cast for the step
+    weight, bias = frozen_product_weights(head)  # under autocast: cast once (for the step, or now), not per chunk
     log_probs = LinearTokenLogProb.apply(hidden[mask], weight, bias, batch.completion_ids[mask])
     token_log_probs = torch.zeros(mask.shape, dtype=log_probs.dtype, device=log_probs.device).masked_scatter(
         mask, log_probs)
@@ -97,16 +97,6 @@ def _head_reproduces_logits(head: torch.nn.Linear, hidden: torch.Tensor, logits:
     return bool(torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * (1.0 + float(theirs.abs().max()))))
 
 
-def autocast_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A frozen layer's weight and bias as autocast would cast them for a product now (unchanged without autocast):
-    cast once for a whole chunked call rather than by autocast at each chunk's two products."""
-    device_type = weight.device.type
-    if not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) == torch.float32:
-        return weight, bias
-    low = torch.get_autocast_dtype(device_type)
-    return weight.to(low), None if bias is None else bias.to(low)
-
-
 class LinearTokenLogProb(torch.autograd.Function):
     r"""``log_softmax(hidden @ W.T + c)[tokens]`` for ``[N, D]`` rows, never holding ``[N, V]`` logits.
 
@@ -120,7 +110,6 @@ class LinearTokenLogProb(torch.autograd.Function):
                 tokens: torch.Tensor) -> torch.Tensor:
         need_grad = ctx.needs_input_grad[0]
         n = hidden.shape[0]
-        weight, bias = autocast_weights(weight, bias)
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits are reduced in float32
         log_probs = torch.empty(n, dtype=dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None

@@ -7,7 +7,12 @@ from pathlib import Path
 import torch
 from fdpg_testing import nonzero_lora_policy
 
-from fdpg.cast_linears import bf16_prepacking_available, cast_frozen_linears, cast_once_linears, cast_weights
+from fdpg.cast_linears import (
+    bf16_prepacking_available,
+    cast_frozen_linears,
+    cast_once_linears,
+    frozen_product_weights,
+)
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.onednn_linears import onednn_linears
 from fdpg.sampling import sample_completions
@@ -134,9 +139,10 @@ def test_frozen_weights_cast_once_give_autocasts_training_pass_and_gradient(tiny
     with cast_frozen_linears(model, torch.bfloat16) as patched:
         got, got_grads = _forward_backward(model, batch)
         head = model.get_output_embeddings()
-        with torch.autocast(**BF16):
-            assert cast_weights(head)[0].dtype == torch.bfloat16  # the fused head multiplies by the copy
-        assert cast_weights(head) is None  # outside autocast: the fp32 weight
+        with torch.autocast(**BF16):  # the fused head multiplies by the block's copy
+            assert frozen_product_weights(head)[0] is vars(head)["forward"].cast[0]
+            assert frozen_product_weights(head)[0].dtype == torch.bfloat16
+        assert frozen_product_weights(head)[0] is head.weight  # outside autocast: the fp32 weight
         with torch.no_grad():
             fp32_inside = completion_token_log_probs(model, batch)
     with torch.no_grad():
