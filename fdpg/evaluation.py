@@ -93,7 +93,8 @@ def grouped_jackknife_se(statistic: Callable[[torch.Tensor], float], n: int, gro
 
 
 def evaluate_policy(policy, spec, n: int, max_new_tokens: int, seed: int = 0, divergence=None,
-                    progress: bool = True, of_reference: bool = False, chunk: int = 16) -> dict[str, Any]:
+                    progress: bool = True, of_reference: bool = False, chunk: int = 16,
+                    keep_log_ratios: bool = False) -> dict[str, Any]:
     r"""Task metrics, :math:`KL(\pi\|a)` (plain and exact per token), entropy, Distinct-n and, with a
     ``divergence``, :math:`D_f(\pi\|p)` of ``n`` samples from the policy; each ``NAME`` with ``NAME_se`` (the
     grouped jackknife, :func:`grouped_jackknife_se`).
@@ -101,8 +102,9 @@ def evaluate_policy(policy, spec, n: int, max_new_tokens: int, seed: int = 0, di
     :math:`D_f` uses :math:`\log Z` estimated from the same samples, :math:`\log\frac1n\sum_j P(x_j)/\pi(x_j)`
     (per prompt when the target is conditional), inside the jackknife too. ``of_reference``: evaluate the
     reference :math:`a` itself (the origin of every frontier: its KL to itself is 0). ``chunk``: completions
-    per ``generate`` call (each chunk has its own seed)."""
-    from objectives import LogZEstimator
+    per ``generate`` call (each chunk has its own seed). ``keep_log_ratios``: also return the per-sample
+    ``log_ratios`` (``log_pi``, ``log_P`` and the prompt ``keys``), from which :func:`divergence_statistic` gives
+    :math:`D_f` for any other divergence without sampling again."""
     from objectives.partition import GLOBAL_KEY
 
     batch = draw_samples(policy, spec.prompts, n, max_new_tokens, seed, chunk=chunk, progress=progress,
@@ -124,14 +126,6 @@ def evaluate_policy(policy, spec, n: int, max_new_tokens: int, seed: int = 0, di
     log_P = spec.target.log_P(log_a, features)
     keys = list(batch.prompts) if spec.target.conditional else [GLOBAL_KEY] * n
 
-    def d_f(index: torch.Tensor) -> float:
-        estimator = LogZEstimator("running")
-        chosen = [keys[i] for i in index.tolist()]
-        estimator.update((log_P - log_pi)[index], chosen)
-        log_z = estimator.log_z_many(chosen)
-        log_p = torch.where(log_P[index] == -math.inf, log_P[index], log_P[index] - log_z)
-        return float(divergence.estimate(log_pi[index], log_p))
-
     statistics: dict[str, Callable[[torch.Tensor], float]] = {
         name: (lambda index, name=name: float(spec.metrics({k: v[index] for k, v in features.items()})[name]))
         for name in spec.metrics(features)
@@ -145,15 +139,48 @@ def evaluate_policy(policy, spec, n: int, max_new_tokens: int, seed: int = 0, di
         **{f"distinct_{k}": (lambda index, k=k: distinct_n([tokens[i] for i in index.tolist()], k)) for k in (1, 2, 3)},
     })
     if divergence is not None:
-        statistics["d_f"] = d_f
+        statistics["d_f"] = divergence_statistic(log_pi, log_P, keys, divergence)
+    out: dict[str, Any] = {"n": n, **jackknifed(statistics, n)}
+    out["examples"] = [{"prompt": p, "completion": c} for p, c in list(zip(batch.prompts, batch.texts))[:5]]
+    if keep_log_ratios:
+        out["log_ratios"] = {"log_pi": log_pi.tolist(), "log_P": log_P.tolist(), "keys": keys}
+    return out
+
+
+def jackknifed(statistics: dict[str, Callable[[torch.Tensor], float]], n: int) -> dict[str, float | None]:
+    """Each statistic of all ``n`` samples (``None`` when not finite) and its grouped-jackknife ``NAME_se``."""
     everything = torch.arange(n)
-    out: dict[str, Any] = {"n": n}
+    out: dict[str, float | None] = {}
     for name, statistic in statistics.items():
         value = statistic(everything)
         out[name] = value if math.isfinite(value) else None
         out[f"{name}_se"] = grouped_jackknife_se(statistic, n) if out[name] is not None else None
-    out["examples"] = [{"prompt": p, "completion": c} for p, c in list(zip(batch.prompts, batch.texts))[:5]]
     return out
+
+
+def divergence_statistic(log_pi: torch.Tensor, log_P: torch.Tensor, keys: Sequence[str], divergence
+                         ) -> Callable[[torch.Tensor], float]:
+    r"""``index -> D_f(pi||p)`` estimated from the samples ``index`` of :math:`\pi` with their :math:`\log P`, and
+    :math:`\log Z` estimated from the same samples, :math:`\log\frac1n\sum_j P(x_j)/\pi(x_j)` (per prompt
+    ``keys`` when the target is conditional)."""
+    from objectives import LogZEstimator
+
+    def tensor(values) -> torch.Tensor:  # JSON keeps log P = -inf (a violated constraint) as null
+        if isinstance(values, torch.Tensor):
+            return values.double()
+        return torch.tensor([-math.inf if v is None else v for v in values], dtype=torch.float64)
+
+    log_pi, log_P = tensor(log_pi), tensor(log_P)
+
+    def d_f(index: torch.Tensor) -> float:
+        estimator = LogZEstimator("running")
+        chosen = [keys[i] for i in index.tolist()]
+        estimator.update((log_P - log_pi)[index], chosen)
+        log_z = estimator.log_z_many(chosen)
+        log_p = torch.where(log_P[index] == -math.inf, log_P[index], log_P[index] - log_z)
+        return float(divergence.estimate(log_pi[index], log_p))
+
+    return d_f
 
 
 def load_run_policy(run_dir: str | Path, trust_remote_code: bool = False):
@@ -194,29 +221,38 @@ def evaluation_cache_dir() -> Path:
 
 def base_evaluation(policy, spec, n: int, max_new_tokens: int, key: dict[str, Any], divergence=None,
                     progress: bool = True, cache_dir: Path | None = None) -> dict[str, Any]:
-    """The reference model's own evaluation, computed once per ``key`` (model, task, prompts, length, n, seed,
-    target) and cached as JSON in :func:`evaluation_cache_dir`."""
+    r"""The reference model's own evaluation, computed once per ``key`` (model, task, prompts, length, n, seed,
+    target) and cached as JSON in :func:`evaluation_cache_dir`, with its samples' log-ratios, so that runs with
+    different divergences share it (their :math:`D_f(a\|p)` is computed from the cached log-ratios)."""
     import hashlib
+    import os
 
     from fdpg.run_log import dumps
 
     key = {**key, "n": n, "max_new_tokens": max_new_tokens, "seed": EVAL_SEED, "chunk": EVAL_CHUNK,
            "prompts": hashlib.sha256("\n".join(spec.prompts or [""]).encode()).hexdigest(),
-           "target": spec.target.describe(), "divergence": getattr(divergence, "name", None)}
+           "target": spec.target.describe()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = (cache_dir or evaluation_cache_dir()) / f"base-{digest}.json"
+    cached = None
     if path.is_file():
         try:
-            return json.loads(path.read_text())["evaluation"]
-        except (ValueError, KeyError):
-            pass  # a torn file: evaluate again
-    result = evaluate_policy(policy, spec, n, max_new_tokens, EVAL_SEED, divergence, progress, of_reference=True,
-                             chunk=EVAL_CHUNK)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(dumps({"key": key, "evaluation": result}) + "\n")
-    tmp.replace(path)
-    return result
+            cached = json.loads(path.read_text())["evaluation"]
+            cached["log_ratios"]["log_pi"]  # a file without them (or torn): evaluate again
+        except (ValueError, KeyError, TypeError):
+            cached = None
+    if cached is None:
+        cached = evaluate_policy(policy, spec, n, max_new_tokens, EVAL_SEED, None, progress, of_reference=True,
+                                 chunk=EVAL_CHUNK, keep_log_ratios=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(dumps({"key": key, "evaluation": cached}) + "\n")
+        tmp.replace(path)
+    ratios = cached.pop("log_ratios")
+    if divergence is not None:  # D_f(a||p) of this divergence, from the cached samples' log-ratios
+        statistic = divergence_statistic(ratios["log_pi"], ratios["log_P"], ratios["keys"], divergence)
+        cached.update(jackknifed({"d_f": statistic}, len(ratios["keys"])))
+    return cached
 
 
 def run_evaluation(policy, spec, n: int, max_new_tokens: int, key: dict[str, Any], divergence=None,
