@@ -181,8 +181,9 @@ def _units(metrics: pd.DataFrame, hue: str | None) -> list[str]:
 
 def plot_training_curves(metrics: pd.DataFrame, columns: Sequence[str] = ("score/reward", "kl_pi_a", "d_f"),
                          hue: str = "method", path: str | Path | None = None, palette: Mapping | None = None,
-                         smoothing: float = 0.8, raw_alpha: float = 0.25):
-    """One panel per metric against the step: each run's raw values drawn faintly (``raw_alpha``), over them the
+                         smoothing: float = 0.8, raw_alpha: float = 0.25, x: str = "step"):
+    """One panel per metric against the step (or a column ``x`` that grows with it, e.g. ``samples_seen``; the
+    smoothing still counts steps): each run's raw values drawn faintly (``raw_alpha``), over them the
     :func:`smooth`-ed curve (EMA, ``smoothing``) of each setting, in its ``hue`` colour (``palette``, shared with
     the report's other figures). Where several runs differ only in the seed, the curve is the mean over seeds of
     their smoothed values with a band of ±1 standard error over seeds (std ddof=1 / sqrt(runs at that step)).
@@ -201,12 +202,14 @@ def plot_training_curves(metrics: pd.DataFrame, columns: Sequence[str] = ("score
             for _, unit in group.groupby(units, dropna=False, sort=False):
                 curves = []
                 for _, run in unit.groupby("run", sort=False):
-                    logged = run[["step", column]].apply(pd.to_numeric, errors="coerce").dropna().sort_values("step")
+                    wanted = list(dict.fromkeys(["step", x, column]))
+                    logged = run[wanted].apply(pd.to_numeric, errors="coerce").dropna().sort_values("step")
                     if logged.empty:
                         continue
-                    ax.plot(logged["step"], logged[column], color=colour, alpha=raw_alpha, linewidth=0.8)
+                    ax.plot(logged[x], logged[column], color=colour, alpha=raw_alpha, linewidth=0.8)
+                    # smoothed over steps (its span does not depend on x), drawn at x
                     curves.append(pd.Series(smooth(logged["step"], logged[column], smoothing),
-                                            index=logged["step"].to_numpy()))
+                                            index=logged[x].to_numpy()))
                 if not curves:
                     continue
                 label = str(key) if key is not None and not labelled else "_nolegend_"
@@ -219,7 +222,7 @@ def plot_training_curves(metrics: pd.DataFrame, columns: Sequence[str] = ("score
                 se = stacked.std(axis=1, ddof=1) / np.sqrt(stacked.count(axis=1))
                 ax.plot(mean.index, mean.to_numpy(), color=colour, linewidth=1.8, label=label)
                 ax.fill_between(mean.index, mean - se, mean + se, color=colour, alpha=0.2, linewidth=0)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x.replace("_", " "))
         ax.set_ylabel(metric_label(column))
     if hue in metrics:
         axes[0][0].legend(title=hue, fontsize=8, title_fontsize=8)

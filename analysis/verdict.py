@@ -30,6 +30,7 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -155,6 +156,37 @@ def arms_from_points(points: pd.DataFrame, arm: str = "arm", x: str = "kl_pi_a_e
         arms.setdefault(str(row[arm]), []).append(Point(max(float(row[x]), 0.0), float(row[y]), se(row, x),
                                                         se(row, y)))
     return arms
+
+
+def pool_seeds(points: pd.DataFrame, keys: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
+    r"""One row per value of ``keys`` (an arm; its runs differ in the seed): each of ``metrics`` averaged over the
+    runs, with ``n_runs`` and three standard errors.
+
+    ``m_se_seeds``: the std over the runs (ddof=1) / :math:`\sqrt n`, training and evaluation noise together, but
+    from 2 seeds itself very uncertain (one degree of freedom); ``m_se_eval``: the runs' own evaluation errors
+    combined, :math:`\sqrt{\sum_i s_i^2}/n`, evaluation noise only; ``m_se``, the one the verdict uses: the larger
+    of the two (of one run: its evaluation s.e.)."""
+    import numpy as np
+
+    keys = [k for k in keys if k in points]
+    rows = []
+    for key, group in points.groupby(keys, dropna=False, sort=False):
+        row: dict[str, Any] = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        row["n_runs"] = len(group)
+        for m in metrics:
+            if m not in group:
+                continue
+            values = group[m].astype(float).dropna()
+            n = len(values)
+            seeds = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+            own = group.loc[values.index, f"{m}_se"].astype(float) if f"{m}_se" in group else None
+            within = float(math.sqrt((own ** 2).sum()) / n) if own is not None and n else float("nan")
+            row[m] = float(values.mean()) if n else float("nan")
+            row[f"{m}_se_seeds"], row[f"{m}_se_eval"] = seeds, within
+            row[f"{m}_se"] = float(np.nanmax([seeds, within])) if not (math.isnan(seeds) and math.isnan(within)) \
+                else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def near_frontier(arms: Mapping[str, Sequence[Point]], base: Point, name: str, z: float = 2.0,

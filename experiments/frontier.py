@@ -39,12 +39,13 @@ DEFAULT_OUT = HERE / "frontier"
 #: Settings of every trained cell.
 COMMON: dict[str, Any] = {"task": "sentiment", "beta": 0.1, "lora_r": 8, "batch_size": 16, "max_new_tokens": 16,
                           "steps": 40, "eval_samples": 1024}
-#: Each arm's sweep: its own settings and its grid (the seeds always).
+#: Each arm's sweep: its own settings and its grid (the seeds always; ``algo`` on the grid, so that run directories
+#: are named apart across sweeps: analysis tells runs apart by their directory's name).
 SEEDS = "0,1"
 ARMS: dict[str, dict[str, Any]] = {
     "fdpg": {"grid": f"divergence=rkl,fkl,tv,js,alpha:0.5 seed={SEEDS}", "settings": {"learning_rate": 1e-3}},
-    "ppo": {"grid": f"seed={SEEDS}", "settings": {"algo": "ppo", "learning_rate": 2.5e-4}},
-    "dpo": {"grid": f"seed={SEEDS}", "settings": {"algo": "dpo", "preferences": "task", "pair_prompts": 256,
+    "ppo": {"grid": f"algo=ppo seed={SEEDS}", "settings": {"learning_rate": 2.5e-4}},
+    "dpo": {"grid": f"algo=dpo seed={SEEDS}", "settings": {"preferences": "task", "pair_prompts": 256,
                                                   "pair_samples": 4, "learning_rate": 5e-4, "eval_every": 10}},
 }
 BEST_OF_N = {"n": "1,2,4,8,16", "prompts": 1024, "chunk": 64}
@@ -87,34 +88,6 @@ def stages(out: Path, workers: int = 2, smoke: str | None = None) -> list[Stage]
 
 
 # ---------------------------------------------------------------------------------------------- the verdict
-def pooled_arms(points: pd.DataFrame) -> pd.DataFrame:
-    r"""One row per arm (``method``; Best-of-n one row per n): the mean over seeds of reward and KL and their
-    standard errors.
-
-    ``*_se`` is the larger of two estimates: over seeds (std over the runs / :math:`\sqrt{n}`: training noise
-    and evaluation noise together, but with 2 seeds itself very uncertain) and within runs (the runs' evaluation
-    s.e. combined, :math:`\sqrt{\sum_i s_i^2}/n`: evaluation noise only). Both are given (``*_se_seeds``,
-    ``*_se_eval``)."""
-    rows = []
-    keys = ["method", "n_bon"] if "n_bon" in points else ["method"]
-    for key, group in points.groupby(keys, dropna=False, sort=False):
-        row: dict[str, Any] = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
-        row["n_runs"] = len(group)
-        for m in (Y, X, "score/positive_fraction", "entropy_exact", "distinct_2"):
-            if m not in group:
-                continue
-            values = group[m].astype(float)
-            n = values.notna().sum()
-            row[m] = float(values.mean())
-            seeds = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-            within = group.get(f"{m}_se")
-            within = float(math.sqrt((within.astype(float) ** 2).sum()) / n) if within is not None else float("nan")
-            row[f"{m}_se_seeds"], row[f"{m}_se_eval"] = seeds, within
-            row[f"{m}_se"] = float(pd.Series([seeds, within]).max())
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def bon_n(run: str) -> float:
     """The n of a Best-of-n run's name (``bon-sentiment-n4-seed0`` -> 4), NaN for another run."""
     import re
@@ -127,7 +100,7 @@ def write_results(out: Path, z: float = 2.0) -> dict[str, Any]:
     """``results/``: the frontier per arm, every pair compared at matched KL (both chords), the Go et al. checks,
     and ``verdict.md`` that says them in words."""
     from analysis import frontier_points, scan_runs
-    from analysis.verdict import Point, arms_from_points, compare_arms, comparisons_frame, near_frontier
+    from analysis.verdict import Point, arms_from_points, compare_arms, comparisons_frame, near_frontier, pool_seeds
 
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -135,7 +108,7 @@ def write_results(out: Path, z: float = 2.0) -> dict[str, Any]:
     points = frontier_points(scan.dirs, source="eval")
     points["n_bon"] = points["run"].map(bon_n)
     points = points[~((points["method"] == "Best-of-n") & (points["n_bon"] == 1))]  # n = 1 is the base model
-    table = pooled_arms(points)
+    table = pool_seeds(points, ["method", "n_bon"], (Y, X, "score/positive_fraction", "entropy_exact", "distinct_2"))
     table["arm"] = [m if pd.isna(n) else f"{m} n={int(n)}" for m, n in zip(table["method"], table["n_bon"])]
     base_row = table[table["method"] == "base a"].iloc[0]
     base = Point(0.0, float(base_row[Y]), 0.0, float(base_row[f"{Y}_se"]))

@@ -32,7 +32,10 @@ Components
     ``"' ” ’ » ) ] }`` ...); 0 otherwise (an empty completion included). It lands on the last token.
 
 Options: ``w_sentiment=1.0``, ``w_repetition=0.5``, ``w_completeness=0.3`` (any finite numbers),
-``ngram=3`` (the n of the repetition n-grams, >= 1).
+``ngram=3`` (the n of the repetition n-grams, >= 1), ``granularity=fine`` (or ``holistic``: the same total
+:math:`r(y)` as one score on the last token, the holistic reward that Wu et al. compare against; the scores,
+metrics and target are unchanged, only where the reward sits on the tokens, which matters to PPO and to f-DPG
+with ``--token_credit``).
 Prompts: the sentiment task's (:data:`tasks.sentiment.DEFAULT_PROMPTS`).
 Features: ``reward`` (the total) and the unweighted component totals ``sentiment`` (sum over sentences),
 ``repetition`` (repeated n-grams) and ``completeness`` (0/1), so that
@@ -108,6 +111,18 @@ def fine_grained_reward(w_sentiment: float = 1.0, w_repetition: float = 0.5, w_c
     return FineGrainedReward(components(weights, n))
 
 
+def holistic_reward(reward: FineGrainedReward) -> FineGrainedReward:
+    """The total of ``reward`` as one holistic component (density ``whole``: on the last token), same scores."""
+
+    def total(texts: list[str]) -> torch.Tensor:
+        return reward.totals(texts)
+
+    return FineGrainedReward([Component("reward", "whole", total, weight=1.0)])
+
+
+GRANULARITIES = ("fine", "holistic")
+
+
 def fine_grained_metrics(features: Mapping[str, torch.Tensor]) -> dict[str, float]:
     out = {"score/reward": float(features["reward"].double().mean())}
     for name in COMPONENTS:
@@ -121,7 +136,7 @@ class FineGrainedTask(Task):
     description = ("fine-grained rewards (Wu et al.): P = a * exp(r/beta), r = w_s * VADER per sentence "
                    "- w_r * repeated word trigrams per sub-sentence + w_c * (ends a sentence); sentiment prompts")
     defaults = {"divergence": "rkl", "beta": 0.1, "max_new_tokens": 32}
-    options = {"w_sentiment": 1.0, "w_repetition": 0.5, "w_completeness": 0.3, "ngram": 3}
+    options = {"w_sentiment": 1.0, "w_repetition": 0.5, "w_completeness": 0.3, "ngram": 3, "granularity": "fine"}
 
     def build(self, beta: float, options: Mapping[str, str], prompts: Sequence[str] | None = None) -> TaskSpec:
         opts = parse_options(self.name, options, self.options)
@@ -132,6 +147,9 @@ class FineGrainedTask(Task):
         if opts["ngram"] < 1:
             raise ValueError(f"task {self.name!r}: --task_args ngram must be >= 1 (words per n-gram), "
                              f"got {opts['ngram']}")
+        if opts["granularity"] not in GRANULARITIES:
+            raise ValueError(f"task {self.name!r}: --task_args granularity must be one of "
+                             f"{', '.join(map(repr, GRANULARITIES))}, got {opts['granularity']!r}")
         _vader()  # fail early, with the install command, if VADER is missing
         n = opts["ngram"]
         reward = fine_grained_reward(weights["sentiment"], weights["repetition"], weights["completeness"], n)
@@ -149,6 +167,6 @@ class FineGrainedTask(Task):
             defaults=dict(self.defaults),
             notes=[f"reward = {weights['sentiment']:g} * VADER per sentence - {weights['repetition']:g} * repeated "
                    f"word {n}-grams per sub-sentence + {weights['completeness']:g} * completeness"],
-            fine_grained=reward,
+            fine_grained=reward if opts["granularity"] == "fine" else holistic_reward(reward),
         )
 

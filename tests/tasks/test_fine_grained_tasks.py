@@ -206,7 +206,8 @@ def test_weights_from_task_args_and_totals() -> None:
         'She said "wonderful."  ',
     ]
     task = get_task("fine_grained")
-    assert task.options == {"w_sentiment": 1.0, "w_repetition": 0.5, "w_completeness": 0.3, "ngram": 3}
+    assert task.options == {"w_sentiment": 1.0, "w_repetition": 0.5, "w_completeness": 0.3, "ngram": 3,
+                            "granularity": "fine"}
     spec = task.build(0.1, {"w_sentiment": "2", "w_repetition": "1.5", "w_completeness": "-0.25"})
     assert [c.weight for c in spec.fine_grained.components] == [2.0, -1.5, -0.25]
     assert spec.prompts == DEFAULT_PROMPTS and spec.target.conditional and spec.fine_grained_feature == "reward"
@@ -241,3 +242,20 @@ def test_bad_options() -> None:
         task.build(0.1, {"ngram": "0"})
     with pytest.raises(ValueError, match="unknown --task_args"):
         task.build(0.1, {"w_fluency": "1"})
+
+
+def test_holistic_granularity_puts_the_same_total_on_the_last_token() -> None:
+    fine = get_task("fine_grained").build(0.1, {}, None)
+    holistic = get_task("fine_grained").build(0.1, {"granularity": "holistic"}, None)
+    texts = ["I love this wonderful film. I hate the awful ending. It is long", "Great fun.  ", "the cat sat"]
+    ids = [char_ids(t) for t in texts]
+    dense_fine = fine.fine_grained(texts, ids, char_decode).dense
+    result = holistic.fine_grained(texts, ids, char_decode)
+    torch.testing.assert_close(result.total, fine.scorer(texts, texts)["reward"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(result.dense.sum(-1), dense_fine.sum(-1), rtol=0, atol=1e-12)
+    for b, text in enumerate(texts):  # all of it on the completion's last token (its last character)
+        assert int((result.dense[b] != 0).sum()) <= 1
+        assert result.dense[b, len(text) - 1] == pytest.approx(float(result.total[b]))
+    assert int((dense_fine[0] != 0).sum()) > 1  # the fine one is spread over the sentences
+    with pytest.raises(ValueError, match="granularity must be one of 'fine', 'holistic', got 'word'"):
+        get_task("fine_grained").build(0.1, {"granularity": "word"}, None)
