@@ -248,12 +248,39 @@ def cmd_train(argv: Sequence[str]) -> int:
     if trainer.is_main and trainer.run_dir is not None:
         print(f"[fdpg] {summary['status']} after {summary['steps_completed']}/{summary['steps']} steps "
               f"in {summary['wall_time_s']:.0f} s; run: {trainer.run_dir}")
+        evaluation = trainer.run_dir / "eval.json"
+        if evaluation.is_file():
+            print(final_evaluation_report(evaluation))
         print(progress_report(trainer.run_dir / "metrics.jsonl"))
     return 0 if summary["status"] == "finished" else 130
 
 
+def final_evaluation_report(path: Path) -> str:
+    """``eval.json`` for a person: each task metric, KL(pi||a) (exact per token) and the entropy, base model and
+    final policy side by side, each ± its standard error; the run's result (the batch means below it are not)."""
+    import json
+
+    data = json.loads(path.read_text())
+    policy, base = data["policy"], data["base"]
+    keys = [k for k in policy if k.startswith("score/") and not k.endswith("_se")]
+    keys += [k for k in ("kl_pi_a_exact", "entropy_exact", "d_f") if k in policy]
+
+    def cell(result: dict, key: str) -> str:
+        value, se = result.get(key), result.get(f"{key}_se")
+        if value is None:
+            return "n/a"
+        return f"{value:.4f} ± {se:.4f}" if se is not None else f"{value:.4f}"
+
+    width = max(len(k) for k in keys)
+    lines = [f"[fdpg] final evaluation ({path}): {data['n']} completions each, mean ± standard error",
+             f"  {'metric':<{width}}  {'base model':>19}  {'final policy':>19}"]
+    lines += [f"  {k:<{width}}  {cell(base, k):>19}  {cell(policy, k):>19}" for k in keys]
+    return "\n".join(lines)
+
+
 def progress_report(metrics_file: Path, window: int = 5) -> str:
-    """Task scores and KL(pi||a): mean of the first ``window`` logged steps -> mean of the last ``window``."""
+    """Task scores and KL(pi||a) of the training batches: mean of the first ``window`` logged steps -> mean of the
+    last ``window`` (batch means of the samples trained on; the final evaluation above them is the run's result)."""
     import json
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
@@ -267,7 +294,8 @@ def progress_report(metrics_file: Path, window: int = 5) -> str:
         return sum(values) / len(values) if values else float("nan")
 
     lines = [f"  {key:<28} {mean(rows[:k], key):8.3f} -> {mean(rows[-k:], key):8.3f}" for key in keys]
-    return f"[fdpg] mean of the first {k} steps -> mean of the last {k} steps:\n" + "\n".join(lines)
+    return (f"[fdpg] training batches (not the evaluation): mean of the first {k} steps -> mean of the last {k} "
+            f"steps:\n" + "\n".join(lines))
 
 
 def cmd_eval(argv: Sequence[str]) -> int:

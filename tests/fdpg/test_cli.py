@@ -216,3 +216,22 @@ def test_a_prompts_file_that_is_a_directory_says_so(tmp_path: Path, capsys) -> N
     code, _, err = run_cli(["train", "--prompts_file", str(tmp_path), "--output_dir", str(tmp_path / "run"), *SMALL],
                            capsys)
     assert code == 2 and "exists but is not a regular file" in err
+
+
+def test_a_finished_run_prints_its_evaluation_above_the_batch_means(tmp_path: Path) -> None:
+    """The run's result is its final evaluation (base and policy, ± s.e., exact KL); the training batches'
+    means come below it, labelled as such."""
+    from fdpg.cli import final_evaluation_report, progress_report
+
+    evaluation = {"n": 1024, "policy": {"score/reward": 0.41, "score/reward_se": 0.013, "kl_pi_a_exact": 1.2,
+                                        "kl_pi_a_exact_se": 0.02, "entropy_exact": 50.0, "entropy_exact_se": 0.3},
+                  "base": {"score/reward": 0.16, "score/reward_se": 0.009, "kl_pi_a_exact": 0.0,
+                           "kl_pi_a_exact_se": 0.0, "entropy_exact": 56.5, "entropy_exact_se": 0.35}}
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    text = final_evaluation_report(tmp_path / "eval.json")
+    assert "final evaluation" in text and "1024 completions" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("score/reward"))
+    assert row.split()[1:] == ["0.1600", "±", "0.0090", "0.4100", "±", "0.0130"]  # base, then the policy
+    assert any(line.strip().startswith("kl_pi_a_exact") and "1.2000 ± 0.0200" in line for line in text.splitlines())
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "score/reward": 0.2, "kl_pi_a": 0.0}) + "\n")
+    assert progress_report(tmp_path / "metrics.jsonl").startswith("[fdpg] training batches (not the evaluation)")

@@ -200,3 +200,33 @@ def test_cli_eval_prints_a_table_for_a_person(tiny_model_dir: Path, prompts_file
     line = next(row for row in out.splitlines() if row.startswith("score/reward "))
     assert line.split()[1:] == [f"{result['score/reward']:.4f}", f"{result['score/reward_se']:.4f}"]
     assert "examples:" in out and not out.lstrip().startswith("{")
+
+
+def test_the_base_evaluation_is_shared_by_every_divergence(tiny_model_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """One base-model evaluation per setting whatever the divergence: D_f(a||p) of another divergence comes from
+    the cached samples' log-ratios and equals a fresh evaluation's."""
+    import fdpg.evaluation as evaluation
+    from objectives import get_divergence
+
+    calls: list[bool] = []
+    real = evaluation.evaluate_policy
+
+    def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(bool(kwargs.get("of_reference")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_policy", counted)
+    policy, spec, key = Policy.from_pretrained(str(tiny_model_dir)), toy_spec(), {"model": "tiny", "task": "toy"}
+    results = {name: evaluation.base_evaluation(policy, spec, 16, 5, key, get_divergence(name), progress=False,
+                                                cache_dir=tmp_path)
+               for name in ("rkl", "js", "tv")}
+    assert calls == [True] and len(list(tmp_path.glob("base-*.json"))) == 1
+    for name, result in results.items():
+        fresh = real(policy, spec, 16, 5, evaluation.EVAL_SEED, get_divergence(name), progress=False,
+                     of_reference=True, chunk=evaluation.EVAL_CHUNK)
+        assert result["d_f"] == pytest.approx(fresh["d_f"], rel=1e-9, abs=1e-12)
+        assert result["d_f_se"] == pytest.approx(fresh["d_f_se"], rel=1e-9, abs=1e-12)
+        assert result["score/reward"] == fresh["score/reward"] and "log_ratios" not in result
+    assert results["rkl"]["d_f"] != pytest.approx(results["js"]["d_f"])
+    assert "d_f" not in evaluation.base_evaluation(policy, spec, 16, 5, key, None, progress=False, cache_dir=tmp_path)
