@@ -136,6 +136,70 @@ def compare_arms(arms: Mapping[str, Sequence[Point]], base: Point, z: float = 2.
     return out
 
 
+@dataclass(frozen=True)
+class SqrtFit:
+    r"""An arm's one-parameter frontier :math:`r(k) = r_0 + c\sqrt{k}` fitted through its runs' points (the base
+    model's reward :math:`r_0` fixed): ``c`` with its standard error ``se``, the larger of ``se_eval`` (the points'
+    own evaluation errors, propagated) and ``se_residual`` (their scatter around the curve, training noise
+    included; NaN from one point), ``n`` points."""
+
+    name: str
+    c: float
+    se: float
+    se_eval: float
+    se_residual: float
+    n: int
+
+
+def fit_sqrt_curve(name: str, points: Sequence[Point], base: Point) -> SqrtFit:
+    r"""Least squares of :math:`r_i - r_0 = c\sqrt{k_i}` over an arm's points (every run of every seed: seeds that
+    land at different KLs lie along the arm's curve, so their spread along it is not counted as noise):
+    :math:`\hat c = \sum_i \sqrt{k_i}(r_i - r_0) / \sum_i k_i`. ``se_eval``: the delta method over the points'
+    rewards and KLs; ``se_residual``: :math:`s/\sqrt{\sum_i k_i}`, :math:`s^2` the residuals' sum of squares over
+    :math:`n - 1`."""
+    ks = torch.tensor([p.kl for p in points], dtype=torch.float64)
+    if float(ks.sum()) <= 0:
+        raise ValueError(f"arm {name!r} never left the base model (KL 0): no curve to fit")
+    values = torch.tensor([v for p in points for v in (p.kl, p.reward)], dtype=torch.float64, requires_grad=True)
+    k, r = values[0::2], values[1::2]
+    c = (k.sqrt() * (r - base.reward)).sum() / k.sum()
+    (gradient,) = torch.autograd.grad(c, values)
+    se = torch.tensor([v for p in points for v in (p.kl_se, p.reward_se)], dtype=torch.float64)
+    se_eval = float((gradient ** 2 * se ** 2).sum().sqrt())
+    c = float(c.detach())
+    n = len(points)
+    if n > 1:
+        residuals = (r.detach() - base.reward) - c * ks.sqrt()
+        se_residual = float(((residuals ** 2).sum() / (n - 1) / ks.sum()).sqrt())
+    else:
+        se_residual = float("nan")
+    return SqrtFit(name, c, max(se_eval, se_residual) if n > 1 else se_eval, se_eval, se_residual, n)
+
+
+def compare_sqrt_fits(arms: Mapping[str, Sequence[Point]], base: Point, kl: float = 1.0, z: float = 2.0
+                      ) -> tuple[list[SqrtFit], list[Comparison]]:
+    r"""Every pair of arms compared on their fitted curves (:func:`fit_sqrt_curve`): at any matched KL :math:`k`
+    the reward difference is :math:`(c_A - c_B)\sqrt{k}`, so the verdict does not depend on :math:`k`; the
+    readings are given at ``kl``. The s.e. combines the two fits' and the base reward's (which enters both
+    fits, with coefficients :math:`-\sum_i\sqrt{k_i}/\sum_i k_i`)."""
+    fits = {name: fit_sqrt_curve(name, points, base) for name, points in arms.items()}
+
+    def base_coefficient(points: Sequence[Point]) -> float:
+        return -sum(math.sqrt(p.kl) for p in points) / sum(p.kl for p in points)
+
+    out = []
+    for a, b in itertools.combinations(list(arms), 2):
+        fa, fb = fits[a], fits[b]
+        root = math.sqrt(kl)
+        d = (fa.c - fb.c) * root
+        shared = (base_coefficient(arms[a]) - base_coefficient(arms[b])) * base.reward_se
+        s = math.sqrt(fa.se ** 2 + fb.se ** 2 + shared ** 2) * root
+        ratio = d / s if s > 0 else (math.inf if d > 0 else -math.inf if d < 0 else 0.0)
+        verdict = "tie" if abs(ratio) <= z else (f"{a} > {b}" if d > 0 else f"{a} < {b}")
+        out.append(Comparison(a, b, kl, base.reward + fa.c * root, base.reward + fb.c * root, d, s, ratio, verdict))
+    return list(fits.values()), out
+
+
 def comparisons_frame(comparisons: Sequence[Comparison]) -> pd.DataFrame:
     """The comparisons as a table, one row per pair."""
     return pd.DataFrame([vars(c) for c in comparisons])

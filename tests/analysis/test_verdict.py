@@ -82,3 +82,33 @@ def test_arms_from_a_points_table():
     assert arms["A"][1] == Point(0.3, 0.4, 0.02, 0.02) and arms["B"][0].kl_se == 0.0
     with pytest.raises(KeyError, match="method"):
         arms_from_points(points, arm="method")
+
+
+def test_sqrt_fit_recovers_the_curve_and_its_scatter():
+    from analysis.verdict import fit_sqrt_curve
+
+    base = Point(0.0, 0.2)
+    on_curve = [Point(k, 0.2 + 0.3 * k ** 0.5, 0.0, 0.01) for k in (0.5, 2.0)]
+    fit = fit_sqrt_curve("A", on_curve, base)
+    assert fit.c == pytest.approx(0.3) and fit.se_residual == pytest.approx(0.0, abs=1e-12)
+    # the evaluation error alone: c = sum sqrt(k_i)(r_i - r0) / sum k_i, var = sum k_i se_i^2 / (sum k_i)^2
+    assert fit.se_eval == pytest.approx(math.sqrt(2.5 * 0.01 ** 2) / 2.5) and fit.se == fit.se_eval
+    scattered = [Point(0.5, 0.2 + 0.3 * 0.5 ** 0.5 + 0.05, 0.0, 0.01),
+                 Point(2.0, 0.2 + 0.3 * 2 ** 0.5 - 0.05, 0.0, 0.01)]
+    fit = fit_sqrt_curve("A", scattered, base)
+    assert fit.se_residual > fit.se_eval and fit.se == fit.se_residual
+
+
+def test_sqrt_fits_compare_at_any_matched_kl():
+    from analysis.verdict import compare_sqrt_fits
+
+    base = Point(0.0, 0.2, 0.0, 0.01)
+    arms = {"A": [Point(k, 0.2 + 0.3 * k ** 0.5, 0.0, 0.01) for k in (0.5, 2.0)],
+            "B": [Point(k, 0.2 + 0.2 * k ** 0.5, 0.0, 0.01) for k in (1.0, 3.0)],
+            "C": [Point(k, 0.2 + 0.2 * k ** 0.5 + 0.001, 0.0, 0.01) for k in (0.8,)]}
+    fits, rows = compare_sqrt_fits(arms, base, kl=1.0)
+    assert [round(f.c, 6) for f in fits][:2] == [0.3, 0.2]
+    assert rows[0].verdict == "A > B" and rows[0].difference == pytest.approx(0.1)
+    assert rows[0].reward_a == pytest.approx(0.5) and rows[2].verdict == "tie"  # B and C: the same curve
+    _, at_four = compare_sqrt_fits(arms, base, kl=4.0)
+    assert at_four[0].difference == pytest.approx(0.2) and at_four[0].z == pytest.approx(rows[0].z)
