@@ -47,7 +47,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "fdpg": {"divergence": "rkl", "token_credit": True, "learning_rate": 1e-3},
     "ppo": {"learning_rate": 2.5e-4},
 }
-SMOKE: dict[str, Any] = {"steps": SMOKE_STEPS, "batch_size": 4, "max_new_tokens": 4, "eval_samples": 8,
+SMOKE: dict[str, Any] = {"steps": SMOKE_STEPS, "batch_size": 4, "max_new_tokens": 8, "eval_samples": 8,
                          "micro_batch_size": 4, "generation_batch_size": 4}
 METRICS = ("score/reward", "score/sentiment", "score/repetition", "score/completeness", "kl_pi_a_exact")
 X, Y = "kl_pi_a_exact", "score/reward"

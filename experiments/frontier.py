@@ -55,7 +55,7 @@ DIVERGENCE_ARMS = ("f-DPG rkl", "f-DPG fkl", "f-DPG tv", "f-DPG js", "f-DPG alph
 #: The reward and the KL the frontier is drawn in.
 X, Y = "kl_pi_a_exact", "score/reward"
 #: Smoke-run overrides (a 1-step version of every stage on a tiny model, for the test suite).
-SMOKE: dict[str, Any] = {"steps": SMOKE_STEPS, "batch_size": 4, "max_new_tokens": 4, "eval_samples": 8,
+SMOKE: dict[str, Any] = {"steps": SMOKE_STEPS, "batch_size": 4, "max_new_tokens": 8, "eval_samples": 8,
                          "micro_batch_size": 4, "generation_batch_size": 4}
 
 
@@ -68,7 +68,7 @@ def stages(out: Path, workers: int = 2, smoke: str | None = None) -> list[Stage]
     for arm, spec in ARMS.items():
         settings = {**common, **spec["settings"]}
         if smoke and "pair_prompts" in settings:
-            settings["pair_prompts"] = 4
+            settings["pair_prompts"] = 24  # enough untied pairs for a batch of 4
         grid = spec["grid"] if not smoke else spec["grid"].replace(f"seed={SEEDS}", "seed=0")
         directory = out / "runs" / arm
         out_stages.append(Stage(f"sweep-{arm}", ["sweep", "--grid", grid, "--output_dir", str(directory),

@@ -76,13 +76,35 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding a randomly initialised 2-layer Llama and the tiny tokenizer."""
+SENTIMENT_WORDS = ("good", "great", "happy", "love", "bad", "awful", "sad", "hate", "the", "day", " ", ".", "!")
+"""The word-level tiny tokenizer's ordinary vocabulary: words a sentiment scorer reads, a space, sentence ends."""
+
+
+def build_tiny_word_tokenizer(words: tuple[str, ...] = SENTIMENT_WORDS) -> PreTrainedTokenizerFast:
+    """A word-level ``PreTrainedTokenizerFast``: the special tokens (ids 0-3), then one token per entry of ``words``;
+    text splits into words, single spaces and punctuation marks, anything else is ``<unk>``. A random model over it
+    writes text whose sentiment, sentences and repetitions vary, unlike random characters."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS.values())}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|\s|[^\w\s]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=128, **SPECIAL_TOKENS)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _tiny_llama(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A randomly initialised 2-layer Llama over ``tokenizer`` (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
+        vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -90,11 +112,24 @@ def tiny_model_dir(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path_factory: py
         num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=False,
-        **_token_ids(tiny_tokenizer),
+        **_token_ids(tokenizer),
     )
     torch.manual_seed(TINY_SEED)
-    model = LlamaForCausalLM(config)
-    return _save_tiny_model(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_llama"))
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_word_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding a randomly initialised 2-layer Llama over the word-level tiny tokenizer: the model for
+    runs whose reward must vary on random text (preference pairs, sentiment, fine-grained rewards)."""
+    tokenizer = build_tiny_word_tokenizer()
+    return _save_tiny_model(_tiny_llama(tokenizer), tokenizer, tmp_path_factory.mktemp("tiny_word_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding a randomly initialised 2-layer Llama and the tiny tokenizer."""
+    return _save_tiny_model(_tiny_llama(tiny_tokenizer), tiny_tokenizer, tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")
