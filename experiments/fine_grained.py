@@ -2,7 +2,7 @@ r"""Experiment 2: fine-grained against holistic rewards (Wu et al. 2023), with P
 
 ::
 
-    python -m experiments.fine_grained        # ~35 min on 2 cores; run it again to resume; results in results/
+    python -m experiments.fine_grained        # ~50 min on 2 cores; run it again to resume; results in results/
 
 The task is ``fine_grained`` (:mod:`tasks.fine_grained`): :math:`r(y) = \sum_{\text{sentences}} \mathrm{VADER}
 - 0.5 \cdot \#\text{repeated trigrams} + 0.3 \cdot [\text{ends a sentence}]` on the sentiment prompts, 24-token
@@ -15,12 +15,13 @@ The two rewards are the *same* function of the text; they differ only in where i
 penalty where the repetition occurs and completeness on the last token; ``granularity=holistic`` puts the total
 on the last token. f-DPG's sequence-level gradient does not see the difference, so f-DPG runs with reverse KL
 and ``--token_credit`` (reward-to-go per token, :mod:`fdpg.trainer`); PPO takes the per-token rewards as its
-reward vector (GAE with its value head). 2 algorithms x 2 granularities x 2 seeds, 40 steps of 16 completions.
+reward vector (GAE with its value head). 2 algorithms x 2 granularities x 3 seeds, 40 steps of 16 completions.
 
 Results (``results/``): ``curves.png`` (on-policy batch means of the reward and its parts against samples seen,
 mean over seeds with a ±1 s.e. band: each step's batch is 16 fresh samples of the current policy, the quantity
 an evaluation measures, from fewer samples), ``final.csv`` (each arm's final evaluation of 512 completions,
-seeds pooled), ``comparisons.csv`` (fine against holistic within each algorithm, and every pair at matched KL) and
+seeds pooled), ``runs.csv`` and ``metrics.csv`` (each run's evaluated point and its training log: the
+analysis can be redone from them), ``comparisons.csv`` (fine against holistic within each algorithm, and every pair at matched KL) and
 ``verdict.md``.
 """
 
@@ -40,7 +41,7 @@ DEFAULT_OUT = HERE / "fine_grained"
 
 COMMON: dict[str, Any] = {"task": "fine_grained", "beta": 0.1, "lora_r": 8, "batch_size": 16, "max_new_tokens": 24,
                           "steps": 40, "eval_samples": 512}
-SEEDS = "0,1"
+SEEDS = "0,1,2"  # 2 seeds left every matched-KL s.e. at 0.15-0.3 (scatter between seeds)
 GRID = f"task_args=granularity=fine,granularity=holistic seed={SEEDS}"
 #: Each algorithm's sweep (``algo`` on the grid, so that run directories are named apart across the sweeps).
 ARMS: dict[str, dict[str, Any]] = {
@@ -78,7 +79,8 @@ def arm_label(config: dict[str, Any]) -> str:
 def write_results(out: Path, z: float = 2.0) -> dict[str, Any]:
     """``results/``: the curves against samples seen, the final evaluations per arm and the verdict."""
     from analysis import frontier_points, load_runs, plot_training_curves, scan_runs
-    from analysis.verdict import Point, arms_from_points, compare_arms, comparisons_frame, pool_seeds
+    from analysis.verdict import (Point, arms_from_points, compare_arms, compare_sqrt_fits, comparisons_frame,
+                                  pool_seeds)
 
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -92,6 +94,9 @@ def write_results(out: Path, z: float = 2.0) -> dict[str, Any]:
     points = frontier_points(scan.dirs, source="eval")
     points["arm"] = [labels.get(r, "base a") if m != "base a" else "base a"
                      for r, m in zip(points["run"], points["method"])]
+    points.to_csv(results / "runs.csv", index=False)
+    metrics.drop(columns=[c for c in metrics if metrics[c].dtype == object and c not in ("run", "arm", "method")]
+                 ).to_csv(results / "metrics.csv", index=False)
     table = pool_seeds(points, ["arm"], METRICS)
     table.to_csv(results / "final.csv", index=False)
     base_row = table[table["arm"] == "base a"].iloc[0]
@@ -112,22 +117,31 @@ def write_results(out: Path, z: float = 2.0) -> dict[str, Any]:
                            "z": d / s if s else float("nan"), "verdict": verdict})
     within = pd.DataFrame(within)
     matched = comparisons_frame(compare_arms(arms_from_points(trained, arm="arm", x=X, y=Y), base, z=z))
+    # as in Experiment 1: each arm's curve r0 + c sqrt(KL) through every run's own point, read at KL = 1
+    runs = points[points["arm"] != "base a"]
+    fits, fitted = compare_sqrt_fits(arms_from_points(runs, arm="arm", x=X, y=Y), base, kl=1.0, z=z)
+    fits, fitted = pd.DataFrame([vars(f) for f in fits]), comparisons_frame(fitted)
     within.to_csv(results / "comparisons.csv", index=False)
     matched.to_csv(results / "matched_kl.csv", index=False)
+    fits.to_csv(results / "sqrt_fits.csv", index=False)
+    fitted.to_csv(results / "comparisons_sqrt_fit.csv", index=False)
     summary = {"z": z, "arms": json.loads(table.to_json(orient="records")),
                "fine_vs_holistic": json.loads(within.to_json(orient="records")),
-               "matched_kl": json.loads(matched.to_json(orient="records"))}
+               "matched_kl": json.loads(matched.to_json(orient="records")),
+               "sqrt_fits": json.loads(fits.to_json(orient="records")),
+               "matched_kl_sqrt_fit": json.loads(fitted.to_json(orient="records"))}
     (results / "final.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (results / "verdict.md").write_text(verdict_markdown(table, within, matched, z) + "\n")
+    (results / "verdict.md").write_text(verdict_markdown(table, within, matched, z, fits, fitted) + "\n")
     return summary
 
 
-def verdict_markdown(table: pd.DataFrame, within: pd.DataFrame, matched: pd.DataFrame, z: float) -> str:
+def verdict_markdown(table: pd.DataFrame, within: pd.DataFrame, matched: pd.DataFrame, z: float,
+                     fits: pd.DataFrame, fitted: pd.DataFrame) -> str:
     def pm(row, m: str) -> str:
         return f"{row[m]:.3f} ± {row[f'{m}_se']:.3f}" if m in row and not pd.isna(row[m]) else "n/a"
 
     lines = ["# Experiment 2: fine-grained against holistic rewards — verdict", "",
-             "Final evaluation of each arm (512 completions per run, mean over 2 seeds ± s.e., the larger of the "
+             "Final evaluation of each arm (512 completions per run, mean over the seeds ± s.e., the larger of the "
              "seed-to-seed and the evaluation s.e.).", "",
              "| arm | runs | reward | sentiment (sum over sentences) | repeated trigrams | completeness | "
              "KL(π‖a) exact |", "|---|---|---|---|---|---|---|"]
@@ -139,7 +153,21 @@ def verdict_markdown(table: pd.DataFrame, within: pd.DataFrame, matched: pd.Data
     for _, c in within.iterrows():
         lines.append(f"| {c['algorithm']} | {c['metric']} | {c['fine']:.3f} | {c['holistic']:.3f} | "
                      f"{c['difference']:+.3f} | {c['se']:.3f} | {c['z']:+.1f} | {c['verdict']} |")
-    lines += ["", "## Every pair at matched KL (reward; `analysis/verdict.py`)", "",
+    lines += ["", f"## Every pair at matched KL, on fitted curves (|d| > {z:g} s.e.: they differ)", "",
+              "Each arm's curve `r(KL) = r0 + c·√KL` through every run's own point (`analysis.verdict."
+              "compare_sqrt_fits`, as in Experiment 1): the difference at any matched KL is (c_A − c_B)·√KL, read "
+              "here at KL = 1.", "",
+              "| arm | runs | c (reward per √nat) | s.e. | s.e. (evaluation) | s.e. (scatter) |",
+              "|---|---|---|---|---|---|"]
+    for _, f in fits.iterrows():
+        lines.append(f"| {f['name']} | {int(f['n'])} | {f['c']:.4f} | {f['se']:.4f} | {f['se_eval']:.4f} | "
+                     f"{f['se_residual']:.4f} |")
+    lines += ["", "| A | B | A − B at KL 1 | s.e. | z | verdict |", "|---|---|---|---|---|---|"]
+    for _, c in fitted.iterrows():
+        lines.append(f"| {c['a']} | {c['b']} | {c['difference']:+.3f} | {c['se']:.3f} | {c['z']:+.1f} | "
+                     f"{c['verdict']} |")
+    lines += ["", "## Every pair at matched KL on chords between the pooled points (no shape assumed; "
+              "`analysis.verdict.compare_arms`)", "",
               "| A | B | matched KL | A − B | s.e. | z | verdict |", "|---|---|---|---|---|---|---|"]
     for _, c in matched.iterrows():
         lines.append(f"| {c['a']} | {c['b']} | {c['kl']:.3f} | {c['difference']:+.3f} | {c['se']:.3f} | "
