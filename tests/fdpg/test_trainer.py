@@ -13,10 +13,12 @@ from fdpg_testing import REQUIRED_METRICS, read_jsonl, toy_scorer, trainable_sta
 from safetensors.torch import load_file
 
 import fdpg.engine as engine_module
+import fdpg.trainer as trainer_module
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.models import load_causal_lm
 from fdpg.sampling import sample_completions
 from objectives import ZeroTargetError, binary_constraint, rl_with_kl
+from objectives import surrogate_loss as true_surrogate_loss
 
 
 def _check_run_dir(run_dir: Path, steps: int, weights_file: str) -> list[dict]:
@@ -233,3 +235,64 @@ def test_the_micro_batch_loop_casts_the_frozen_weights_once_under_bf16(make_trai
         assert not any("forward" in vars(m) for m in trainable)
     assert frozen and trainable and seen == [len(frozen) if precision == "bf16" else 0] * 2
     assert not any("forward" in vars(m) for m in frozen)  # (accelerate wraps the top model's own forward)
+
+
+def test_update_log_z_returns_log_P_minus_the_importance_sampling_log_Z(make_trainer) -> None:
+    r"""``update_log_z`` adds the batch to the running estimate and returns :math:`\log p = \log P - \log\hat Z_c`
+    with, per key :math:`c` over the :math:`n_c` samples seen so far,
+    :math:`\log\hat Z_c = \operatorname{logsumexp}_{k \in c}(\log P_k - \log q_k) - \log n_c` (recomputed here
+    from the batches alone). After the first batch that forces the self-normalisation
+    :math:`\frac{1}{n_c}\sum_{k\in c} p_k/q_k = 1` exactly; :math:`P = 0` stays :math:`p = 0`. Returning
+    :math:`\log P` itself (no :math:`\log Z` subtracted) fails all three."""
+    trainer = make_trainer()
+    gen = torch.Generator().manual_seed(0)
+    keys = ["c", "d", "c", "d", "c", "d"]
+    batches = []
+    for _ in range(2):
+        log_P = (3.0 + 2.0 * torch.randn(6, generator=gen)).double()
+        log_P[4] = -math.inf  # P = 0: one sample of key c
+        log_q = (-5.0 + torch.randn(6, generator=gen)).double()
+        batches.append((log_P, log_q))
+    for step, (log_P, log_q) in enumerate(batches):
+        log_p = trainer.update_log_z(log_P, log_q, keys)
+        for c in set(keys):
+            idx = [j for j, k in enumerate(keys) if k == c]
+            seen = torch.cat([(P - q)[idx] for P, q in batches[:step + 1]])
+            log_z = float(torch.logsumexp(seen, 0)) - math.log(len(seen))
+            assert abs(log_z) > 1.0  # Z far from 1, so a missing log Z cannot pass
+            finite = [j for j in idx if math.isfinite(float(log_P[j]))]
+            torch.testing.assert_close(log_p[finite], log_P[finite] - log_z, rtol=0, atol=1e-9)
+            if step == 0:
+                ratio = torch.exp(log_p[idx] - log_q[idx])  # p/q, 0 where P = 0
+                assert float(ratio.sum()) / len(idx) == pytest.approx(1.0, abs=1e-9)
+        assert float(log_p[4]) == -math.inf
+
+
+def test_forward_kl_pseudo_rewards_in_the_loss_are_normalised_per_prompt(make_trainer, monkeypatch) -> None:
+    r"""The pseudo-rewards that reach the loss depend on :math:`\log Z`: on the first step, on-policy
+    (:math:`q = \pi_\theta`), one :math:`Z_c` per prompt, the forward-KL pseudo-reward is
+    :math:`R_j = p_j/\pi_j = (P_j/q_j)\big/\big(\frac{1}{n_c}\sum_{k\in c}P_k/q_k\big)`, so its mean over each
+    prompt is exactly 1 (with :math:`\log Z` left out it would be :math:`\hat Z_c`, here far from 1), and the
+    baseline beside it is the default ``prompt_loo``: :math:`b_j = \frac{1}{n_c-1}\sum_{k\ne j, c_k=c_j}R_k
+    = (n_c - R_j)/(n_c - 1)`."""
+    recorded = []
+
+    def recording_loss(log_pi, rewards, baseline=0.0, importance_weights=None, normaliser=None):
+        recorded.append((rewards.detach().clone(), baseline.detach().clone(), importance_weights))
+        return true_surrogate_loss(log_pi, rewards, baseline, importance_weights, normaliser)
+
+    monkeypatch.setattr(trainer_module, "surrogate_loss", recording_loss)
+    trainer = make_trainer(steps=1, divergence="fkl", target=rl_with_kl("reward", 0.1).as_conditional())
+    assert trainer.config.baseline == "prompt_loo" and trainer.proposal is None
+    prompts = trainer.step_prompts(0)  # the batch's prompt per sample (the same draw as train_step's)
+    trainer.train_step(0)
+    rewards = torch.cat([r for r, _, _ in recorded]).double()
+    baseline = torch.cat([b for _, b, _ in recorded]).double()
+    assert len(rewards) == len(prompts) == trainer.config.batch_size and all(w is None for _, _, w in recorded)
+    assert sorted(trainer.log_z.keys) == sorted(set(prompts))
+    assert all(abs(trainer.log_z.log_z(c)) > 1.0 for c in set(prompts))  # Z_c far from 1: a dropped log Z shows
+    for c in set(prompts):
+        idx = [j for j, q in enumerate(prompts) if q == c]
+        group, n_c = rewards[idx], len(idx)
+        assert n_c >= 2 and float(group.mean()) == pytest.approx(1.0, abs=1e-6), (c, group)
+        torch.testing.assert_close(baseline[idx], (n_c - group) / (n_c - 1), rtol=0, atol=1e-6)
