@@ -2,7 +2,7 @@ r"""Experiment 2: fine-grained against holistic rewards (Wu et al. 2023), with P
 
 ::
 
-    python -m experiments.fine_grained        # ~50 min on 2 cores; run it again to resume; results in results/
+    python -m experiments.fine_grained        # ~60 min on 2 cores; run it again to resume; results in results/
 
 The task is ``fine_grained`` (:mod:`tasks.fine_grained`): :math:`r(y) = \sum_{\text{sentences}} \mathrm{VADER}
 - 0.5 \cdot \#\text{repeated trigrams} + 0.3 \cdot [\text{ends a sentence}]` on the sentiment prompts, 24-token
