@@ -123,6 +123,12 @@ def build_trainer(config: TrainConfig):
         spec.target, spec.fit = reward_target(spec.target, config.reward_feature, config.beta), None
     elif config.algo == "dpo":
         pair_reward = pair_reward_feature(spec, config) if config.preferences == "task" and not config.resume else None
+    elif config.algo == "raft":
+        reward_target(spec.target, config.reward_feature, config.beta, algo="raft")  # refused before the model load
+    elif config.algo == "sft":
+        from fdpg.demonstrations import load_demonstrations
+
+        demonstrations = load_demonstrations(config.data)  # bad data refused before the model load
     else:
         refuse_infinite_divergence_to_zeros(spec.target, config)
     torch.manual_seed(config.seed)
@@ -133,7 +139,11 @@ def build_trainer(config: TrainConfig):
                                      resume=config.resume)
     if config.algo == "dpo":
         return build_dpo_trainer(config, policy, spec, target, fit_details, pair_reward)
-    algorithm = PPOTrainer if config.algo == "ppo" else FDPGTrainer
+    if config.algo == "sft":
+        return build_sft_trainer(config, policy, spec, target, demonstrations)
+    from fdpg.raft import RAFTTrainer
+
+    algorithm = {"ppo": PPOTrainer, "raft": RAFTTrainer}.get(config.algo, FDPGTrainer)
     trainer = algorithm(config, policy, target, spec.scorer, spec.prompts, spec.metrics,
                         fine_grained=spec.fine_grained, fine_grained_feature=spec.fine_grained_feature)
     trainer.run_extras = {"target_fit": fit_details} if fit_details else {}
@@ -151,13 +161,10 @@ def pair_reward_feature(spec, config: TrainConfig) -> str:
 def build_dpo_trainer(config: TrainConfig, policy, spec, target, fit_details, pair_reward: str | None):
     """DPO's pairs (read back from the run directory on resume, made from the task, or loaded), tokenised and
     checked, the step count from ``--epochs``, and the trainer."""
-    import dataclasses
-    import math
-
     import datasets
 
     from fdpg.dpo import PAIRS_DIR, DPOTrainer
-    from fdpg.preferences import load_preferences, pairs_from_task, split_pairs, tokenize_pairs
+    from fdpg.preferences import load_preferences, pairs_from_task, tokenize_pairs
 
     made = None
     saved = Path(config.resume) / PAIRS_DIR if config.resume else None
@@ -177,16 +184,43 @@ def build_dpo_trainer(config: TrainConfig, policy, spec, target, fit_details, pa
     pairs = tokenize_pairs(data, policy.tokenizer, limit, config.truncate_pairs, source)
     if pairs.truncated:
         print(f"[fdpg] --truncate_pairs: {pairs.truncated} responses cut to fit {limit} tokens", file=sys.stderr)
-    if config.epochs is not None:
-        n_train = len(split_pairs(len(pairs), config.heldout_fraction, config.seed)[0])
-        steps = max(1, math.ceil(config.epochs * n_train / config.batch_size))
-        if steps != config.steps:
-            print(f"[fdpg] --epochs {config.epochs:g} over {n_train} training pairs: {steps} steps", file=sys.stderr)
-            config = dataclasses.replace(config, steps=steps)
+    config = steps_for_epochs(config, len(pairs), "pairs")
     trainer = DPOTrainer(config, policy, target, spec.scorer, spec.prompts, spec.metrics, pairs=pairs,
                          pair_data=made)
     trainer.run_extras = {"preference_pairs": len(pairs), "truncated_responses": pairs.truncated,
                           **({"target_fit": fit_details} if fit_details else {})}
+    return trainer
+
+
+def steps_for_epochs(config: TrainConfig, n_rows: int, what: str) -> TrainConfig:
+    """``--epochs`` over ``n_rows`` training rows (pairs, demonstrations) as a step count."""
+    import dataclasses
+    import math
+
+    from fdpg.preferences import split_pairs
+
+    if config.epochs is None:
+        return config
+    n_train = len(split_pairs(n_rows, config.heldout_fraction, config.seed)[0])
+    steps = max(1, math.ceil(config.epochs * n_train / config.batch_size))
+    if steps != config.steps:
+        print(f"[fdpg] --epochs {config.epochs:g} over {n_train} training {what}: {steps} steps", file=sys.stderr)
+        config = dataclasses.replace(config, steps=steps)
+    return config
+
+
+def build_sft_trainer(config: TrainConfig, policy, spec, target, data):
+    """SFT's demonstrations, tokenised and checked against the context, the step count from ``--epochs``, and the
+    trainer."""
+    from fdpg.demonstrations import tokenize_demonstrations
+    from fdpg.sft import SFTTrainer
+
+    demonstrations = tokenize_demonstrations(data, policy.tokenizer, config.max_length or policy.max_positions,
+                                             f"--data {config.data}")
+    config = steps_for_epochs(config, len(demonstrations), "demonstrations")
+    trainer = SFTTrainer(config, policy, target, spec.scorer, spec.prompts, spec.metrics,
+                         demonstrations=demonstrations)
+    trainer.run_extras = {"demonstrations": len(demonstrations), "demonstration_tokens": demonstrations.n_tokens}
     return trainer
 
 

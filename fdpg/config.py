@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 #: The training algorithms of ``--algo``.
-ALGORITHMS = ("fdpg", "ppo", "dpo")
+ALGORITHMS = ("fdpg", "ppo", "dpo", "sft", "raft")
 #: PPO's critics (``--critic``).
 CRITICS = ("policy_head", "value_model", "none")
 #: Fields that may differ between a run and its resumption (everything else must match).
@@ -29,8 +29,10 @@ class TrainConfig:
 
     # --- the algorithm
     algo: str = field(default="fdpg", metadata={
-        "help": "fdpg (f-divergence minimisation), ppo (the RLHF baseline, reverse KL toward a exp(r/beta)) or dpo "
-                "(offline preference optimisation from --preferences; f-DPO with --divergence)."})
+        "help": "fdpg (f-divergence minimisation), ppo (the RLHF baseline, reverse KL toward a exp(r/beta)), dpo "
+                "(offline preference optimisation from --preferences; f-DPO with --divergence), sft (supervised "
+                "fine-tuning on --data) or raft (online rejection-sampling fine-tuning: the best of "
+                "--samples_per_prompt)."})
 
     # --- what to align, toward what
     model: str = field(default="smollm2-135m-instruct", metadata={
@@ -166,6 +168,20 @@ class TrainConfig:
     truncate_pairs: bool = field(default=False, metadata={
         "help": "DPO: cut responses that do not fit in --max_length (default: refuse them, naming the row)."})
 
+    # --- SFT (--algo sft) and RAFT (--algo raft)
+    data: str | None = field(default=None, metadata={
+        "help": "SFT: the demonstrations (columns prompt, completion; or chat messages): a JSON/JSONL/CSV/Parquet "
+                "file, a saved datasets directory or a hub dataset name. --epochs, --eval_every, --heldout_fraction "
+                "and --max_length apply as for DPO."})
+    raft_quantile: float | None = field(default=None, metadata={
+        "help": "RAFT: keep every sample whose reward is at least this quantile of the batch's, in [0, 1) (default: "
+                "the best of --samples_per_prompt per prompt)."})
+    ptx_data: str | None = field(default=None, metadata={
+        "help": "PPO-ptx: pretraining text (a 'text' column; file, saved directory or hub name) whose "
+                "language-modelling loss, times --ptx_coef, is added to every PPO minibatch's loss."})
+    ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx: the coefficient gamma of the LM loss."})
+    ptx_length: int = field(default=64, metadata={"help": "PPO-ptx: tokens per piece of pretraining text."})
+
     # --- metrics and the final evaluation
     eval_samples: int = field(default=256, metadata={
         "help": "Completions of the final policy (and, cached, of the base model) evaluated when the run finishes, "
@@ -236,6 +252,31 @@ class TrainConfig:
             self._validate_ppo()
         if self.algo == "dpo":
             self._validate_dpo()
+        if self.algo in ("sft", "raft"):
+            self._validate_likelihood()
+        if (self.ptx_data is not None or self.ptx_coef) and self.algo != "ppo":
+            raise ValueError(f"--ptx_data/--ptx_coef mix a language-modelling loss into PPO's (PPO-ptx); --algo "
+                             f"{self.algo} does not take them: drop them or use --algo ppo")
+
+    def _validate_likelihood(self) -> None:
+        if self.algo == "sft" and not self.data:
+            raise ValueError("--algo sft learns from demonstrations: give --data FILE_DIR_OR_HUB_NAME (columns "
+                             "prompt and completion, or messages)")
+        if self.algo != "sft" and self.data:
+            raise ValueError(f"--data is SFT's demonstrations; --algo {self.algo} does not read it: drop it")
+        if self.algo == "raft" and self.proposal_differs:
+            raise ValueError("--algo raft samples from pi itself: drop --temperature, --top_p and --off_policy")
+        if self.raft_quantile is not None and (self.algo != "raft" or not 0 <= self.raft_quantile < 1):
+            raise ValueError(f"--raft_quantile must be in [0, 1) and needs --algo raft, got {self.raft_quantile!r} "
+                             f"with --algo {self.algo}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"--epochs must be a positive number, got {self.epochs!r}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"--heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"--eval_every must be an integer >= 0, got {self.eval_every!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"--max_length must be at least 2 tokens, got {self.max_length!r}")
 
     def _validate_token_credit(self) -> None:
         from objectives import ReverseKL, get_divergence
@@ -313,6 +354,10 @@ class TrainConfig:
                              f"got {self.loss_aggregation!r}")
         if self.critic not in CRITICS:
             raise ValueError(f"--critic must be one of {', '.join(CRITICS)}, got {self.critic!r}")
+        if self.ptx_coef < 0 or (self.ptx_coef > 0) != (self.ptx_data is not None) or self.ptx_length < 1:
+            raise ValueError(f"PPO-ptx needs both --ptx_data TEXT and --ptx_coef G > 0 (and --ptx_length >= 1), got "
+                             f"--ptx_data {self.ptx_data!r}, --ptx_coef {self.ptx_coef!r}, --ptx_length "
+                             f"{self.ptx_length!r}")
         if (self.critic == "value_model") != (self.value_model is not None):
             raise ValueError("--critic value_model needs --value_model NAME_OR_PATH, and --value_model needs "
                              f"--critic value_model (got --critic {self.critic!r}, --value_model {self.value_model!r})")

@@ -194,18 +194,9 @@ class DPOTrainer(OnlineTrainer):
         """The policy's samples on the task's prompts, with the metrics every algorithm logs (the "pseudo-reward"
         columns hold the implicit reward :math:`\\beta s` of the samples), and the held-out pairs' loss and
         accuracy."""
-        batch, features, token_log_a = self.rollout(step)
-        with self.timed("bookkeeping"):
-            log_a, log_pi = token_log_a.sum(-1), batch.log_pi.double()
-            log_P = self.target.log_P(log_a, features)
-            g_keys = self.gather_list(self.prompt_keys(batch.prompts))
-            g_log_P, g_log_pi, g_log_a = (self.gather(x) for x in (log_P, log_pi, log_a))
-            g_features = {k: self.gather(v) for k, v in features.items()}
-            g_log_p = self.update_log_z(g_log_P, g_log_pi, g_keys)
-            g_implicit = implicit_rewards(g_log_pi - g_log_a, self.divergence, self.config.beta)
-            metrics = self.shared_metrics(step, batch, self.divergence, g_features, g_log_pi, g_log_pi, g_log_a,
-                                          g_log_p, g_implicit)
-        metrics.pop("step", None)
+        beta = self.config.beta
+        metrics = self.policy_sample_metrics(
+            step, self.divergence, lambda log_pi, log_a: implicit_rewards(log_pi - log_a, self.divergence, beta))
         if self.heldout_index:
             with self.timed("heldout"):
                 metrics.update(self.heldout_metrics())

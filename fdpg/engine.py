@@ -723,6 +723,24 @@ class OnlineTrainer(TrainingLoop):
         self._tokens_this_step = sum(len(r) for r in g_tokens)
         return metrics
 
+    def policy_sample_metrics(self, step: int, divergence: Divergence,
+                              pseudo_reward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        r"""The metrics every algorithm logs (:meth:`shared_metrics`), of ``batch_size`` fresh samples of the policy
+        on the task's prompts: the periodic evaluation of the offline algorithms (DPO, SFT), whose steps sample
+        nothing. ``pseudo_reward(log_pi, log_a)`` fills the pseudo-reward column (DPO: the implicit reward)."""
+        batch, features, token_log_a = self.rollout(step)
+        with self.timed("bookkeeping"):
+            log_a, log_pi = token_log_a.sum(-1), batch.log_pi.double()
+            log_P = self.target.log_P(log_a, features)
+            g_keys = self.gather_list(self.prompt_keys(batch.prompts))
+            g_log_P, g_log_pi, g_log_a = (self.gather(x) for x in (log_P, log_pi, log_a))
+            g_features = {k: self.gather(v) for k, v in features.items()}
+            g_log_p = self.update_log_z(g_log_P, g_log_pi, g_keys)
+            metrics = self.shared_metrics(step, batch, divergence, g_features, g_log_pi, g_log_pi, g_log_a,
+                                          g_log_p, pseudo_reward(g_log_pi, g_log_a))
+        metrics.pop("step", None)
+        return metrics
+
     def finish_metrics(self, metrics: dict[str, Any], started: float) -> dict[str, Any]:
         """Add the phase timings, the step's time and the throughput (completion tokens per second)."""
         total = time.perf_counter() - started

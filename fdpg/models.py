@@ -296,6 +296,35 @@ def _in_hf_cache(repo_id: str) -> bool:
 # --------------------------------------------------------------------------------------------------------
 
 
+def finished_run(name_or_path: str) -> Path | None:
+    """``RUN/final`` when ``name_or_path`` is an fdpg run directory that finished (``config.json`` and ``final/``),
+    else ``None``: such a run is a model everywhere a model is accepted (an SFT run as the start of PPO, ...)."""
+    path = Path(str(name_or_path)).expanduser()
+    final = path / "final"
+    if (path / "config.json").is_file() and final.is_dir() and (
+            (final / "adapter_config.json").is_file() or (final / "config.json").is_file()):
+        return final
+    if (path / "config.json").is_file() and (path / "metrics.jsonl").exists():
+        raise FileNotFoundError(f"model {name_or_path!r} is an fdpg run without final weights ({final} is missing): "
+                                "finish it first (resume it with `fdpg train --resume RUN`)")
+    return None
+
+
+def load_run_model(final: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+                   ) -> PreTrainedModel:
+    """The trained model of a finished run: its full weights, or its LoRA adapter merged into the run's own base
+    model (read from the run's ``config.json``, itself possibly a run)."""
+    if not (final / "adapter_config.json").is_file():
+        return load_causal_lm(str(final), dtype=dtype, trust_remote_code=trust_remote_code)
+    from peft import PeftModel
+
+    base_name = json.loads((final.parent / "config.json").read_text())["config"]["model"]
+    base = load_causal_lm(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+    merged.eval()
+    return merged
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer for generation with left padding.
 
@@ -308,6 +337,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     """
     from transformers import AutoTokenizer
 
+    final = finished_run(name_or_path)
+    if final is not None:
+        name_or_path = str(final)  # every run saves its tokenizer beside its weights
     tokenizer = _load_with_fallback(
         name_or_path, lambda path: AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     )
@@ -328,11 +360,15 @@ def load_causal_lm(
     """Load a causal language model (in eval mode, on the CPU).
 
     Args:
-        name_or_path: see :func:`resolve_model_path`.
+        name_or_path: see :func:`resolve_model_path`; or a finished fdpg run (:func:`finished_run`).
         dtype: parameter dtype, e.g. ``torch.float32`` or ``torch.bfloat16``.
         trust_remote_code: allow code from the model repository to run; keep ``False`` unless needed.
     """
     from transformers import AutoModelForCausalLM
+
+    final = finished_run(name_or_path)
+    if final is not None:
+        return load_run_model(final, dtype, trust_remote_code)
 
     def load(path: str) -> PreTrainedModel:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)

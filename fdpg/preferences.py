@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fdpg.sampling import SampleBatch
 
@@ -166,13 +165,7 @@ class TokenizedPairs:
         prompt_rows = [self.prompt_ids[i] for i in index] * 2
         responses = [self.chosen_ids[i] for i in index] + [self.rejected_ids[i] for i in index]
         texts = [self.chosen[i] for i in index] + [self.rejected[i] for i in index]
-        p, t = max(map(len, prompt_rows)), max(map(len, responses))
-        prompt_ids = torch.tensor([[pad_token_id] * (p - len(r)) + r for r in prompt_rows], dtype=torch.long)
-        prompt_mask = torch.tensor([[0] * (p - len(r)) + [1] * len(r) for r in prompt_rows], dtype=torch.long)
-        completion_ids = torch.tensor([r + [pad_token_id] * (t - len(r)) for r in responses], dtype=torch.long)
-        completion_mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in responses], dtype=torch.long)
-        zeros = torch.zeros(completion_ids.shape, dtype=torch.float32)
-        return SampleBatch(prompts, prompt_ids, prompt_mask, completion_ids, completion_mask, texts, zeros, zeros)
+        return SampleBatch.from_token_rows(prompts, prompt_rows, responses, texts, pad_token_id)
 
 
 def tokenize_pairs(data, tokenizer, max_length: int | None, truncate: bool = False,

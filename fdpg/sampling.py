@@ -71,6 +71,21 @@ class SampleBatch:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    @classmethod
+    def from_token_rows(cls, prompts: Sequence[str], prompt_rows: Sequence[Sequence[int]],
+                        completion_rows: Sequence[Sequence[int]], texts: Sequence[str], pad_token_id: int
+                        ) -> SampleBatch:
+        """A batch of given token rows (preference pairs, demonstrations): prompts left-padded, completions
+        right-padded, the log-prob columns 0 (nothing was sampled)."""
+        p, t = max(map(len, prompt_rows)), max(map(len, completion_rows))
+        prompt_ids = torch.tensor([[pad_token_id] * (p - len(r)) + list(r) for r in prompt_rows], dtype=torch.long)
+        prompt_mask = torch.tensor([[0] * (p - len(r)) + [1] * len(r) for r in prompt_rows], dtype=torch.long)
+        completion_ids = torch.tensor([list(r) + [pad_token_id] * (t - len(r)) for r in completion_rows],
+                                      dtype=torch.long)
+        completion_mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in completion_rows], dtype=torch.long)
+        zeros = torch.zeros(completion_ids.shape, dtype=torch.float32)
+        return cls(list(prompts), prompt_ids, prompt_mask, completion_ids, completion_mask, list(texts), zeros, zeros)
+
     @property
     def log_q(self) -> torch.Tensor:
         return self.token_log_q.sum(-1)
