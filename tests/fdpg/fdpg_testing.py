@@ -48,10 +48,12 @@ def train_config(model_dir: Path | str, output_dir: Path | str, **overrides: Any
 
 def build_trainer(model_dir: Path | str, output_dir: Path | str, target=None, scorer=toy_scorer,
                   prompts=PROMPTS, **overrides: Any):
-    """An FDPGTrainer (a PPOTrainer with ``algo="ppo"``) on a freshly loaded model; ``target`` defaults to
+    """An FDPGTrainer (a PPOTrainer with ``algo="ppo"``, a RAFTTrainer with ``algo="raft"``) on a freshly loaded
+    model; ``target`` defaults to
     ``rl_with_kl('reward', beta)``."""
     from fdpg.policy import LoraSettings, Policy
     from fdpg.ppo import PPOTrainer
+    from fdpg.raft import RAFTTrainer
     from fdpg.trainer import FDPGTrainer
     from objectives import rl_with_kl
 
@@ -61,7 +63,7 @@ def build_trainer(model_dir: Path | str, output_dir: Path | str, target=None, sc
     torch.manual_seed(config.seed)  # the LoRA initialisation, as `fdpg train` does
     policy = Policy.from_pretrained(config.model, lora=lora)
     target = target if target is not None else rl_with_kl("reward", config.beta)
-    algorithm = PPOTrainer if config.algo == "ppo" else FDPGTrainer
+    algorithm = {"ppo": PPOTrainer, "raft": RAFTTrainer}.get(config.algo, FDPGTrainer)
     return algorithm(config, policy, target, scorer, prompts)
 
 
