@@ -18,6 +18,12 @@ reference pass, run directory, checkpoints and metric names as f-DPG. It maximis
    dual-clipped), plus ``vf_coef`` times the clipped value loss, minus ``entropy_coef`` times the entropy,
    aggregated per ``loss_aggregation``; one optimizer step per minibatch (micro-batched backward);
 7. the adaptive KL controller sees the batch's KL; the scheduler steps once per step.
+
+PPO-ptx (InstructGPT): with ``--ptx_data TEXT --ptx_coef G`` every minibatch's loss also has
+:math:`G\cdot\mathcal L_{LM}`, the language-modelling loss (:func:`objectives.likelihood.completion_nll`) of as many
+pieces of pretraining text as the minibatch has sequences (:func:`fdpg.demonstrations.load_text_pieces`, drawn epoch
+after epoch of seeded permutations), so that the policy keeps the pretraining distribution's likelihood while it
+maximises the reward.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from typing import Any
 import torch
 
 from fdpg.critic import ValueHead, ValueModel, hidden_size_of
-from fdpg.engine import OnlineTrainer, reward_target, seed_for  # noqa: F401  (reward_target re-exported)
+from fdpg.engine import EpochBatches, OnlineTrainer, reward_target, seed_for  # noqa: F401  (reward_target re-exported)
 from fdpg.log_probs import completion_token_log_probs, token_entropy
 from fdpg.sampling import SampleBatch, eos_token_ids
 from objectives import ReverseKL
+from objectives.likelihood import completion_nll
 from objectives.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -78,6 +85,16 @@ class PPOTrainer(OnlineTrainer):
         self.eos_ids = eos_token_ids(self._unwrapped(), policy.tokenizer)
         # A value head on the policy reads the hidden states sampling computes anyway: no old-values pass.
         self.record_hidden = config.critic == "policy_head"
+        self.ptx = None
+        if config.ptx_data is not None:
+            from fdpg.demonstrations import load_text_pieces
+
+            self.ptx = load_text_pieces(config.ptx_data, policy.tokenizer, config.ptx_length)
+            size = self.local_batch // config.ppo_minibatches * self.accelerator.num_processes
+            if len(self.ptx) < size:
+                raise ValueError(f"--ptx_data {config.ptx_data}: {len(self.ptx)} pieces of {config.ptx_length} tokens "
+                                 f"are fewer than a minibatch ({size}); give more text or a smaller --ptx_length")
+            self.ptx_batches = EpochBatches(list(range(len(self.ptx))), size, config.seed + 7)
 
     # ------------------------------------------------------------------ the critic and the state
     def build_extra_modules(self) -> dict[str, torch.nn.Module]:
@@ -244,6 +261,10 @@ class PPOTrainer(OnlineTrainer):
                         acc.backward(loss)
                     for key, value in part_stats.items():
                         minibatch[key] += value
+                if self.ptx is not None:
+                    draw = (step * cfg.ppo_epochs + epoch) * cfg.ppo_minibatches + m
+                    with self.timed("ptx"):
+                        minibatch["ppo/ptx_loss"] = self.ptx_backward(self.ptx_batches.step(draw)[self.ptx_slice()])
                 for key, value in minibatch.items():
                     stats[key].append(value)
                 with self.timed("optimizer"):
@@ -251,6 +272,25 @@ class PPOTrainer(OnlineTrainer):
                 if grad_norm is not None:
                     stats["grad_norm"].append(grad_norm)
         return {key: float(sum(v) / len(v)) for key, v in stats.items()}
+
+    def ptx_slice(self) -> slice:
+        size = self.local_batch // self.config.ppo_minibatches
+        return slice(self.accelerator.process_index * size, (self.accelerator.process_index + 1) * size)
+
+    def ptx_backward(self, index: list[int]) -> float:
+        """Backpropagate ``ptx_coef`` times the language-modelling loss of the pretraining pieces ``index`` (their
+        token mean, micro-batched); its value."""
+        cfg, acc = self.config, self.accelerator
+        n_tokens = sum(len(self.ptx.completion_ids[i]) for i in index)
+        total = 0.0
+        for rows, sync in self.accumulation(index):
+            part = self.ptx.as_batch(rows, self.policy.tokenizer.pad_token_id)
+            with sync, acc.autocast():
+                token_log_pi = completion_token_log_probs(self.model, part)
+                nll = completion_nll(token_log_pi, part.completion_mask.to(token_log_pi.device), n_tokens=n_tokens)
+                acc.backward(cfg.ptx_coef * nll)
+            total += float(nll.detach())
+        return total
 
     def loss(self, part: SampleBatch, old_log_pi: torch.Tensor, log_a: torch.Tensor, old_values: torch.Tensor,
              advantages: torch.Tensor, returns: torch.Tensor, beta: float, n_sequences: int,

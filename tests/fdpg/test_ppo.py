@@ -208,3 +208,47 @@ def test_a_value_model_with_another_tokenizer_is_refused(make_trainer, enumerabl
     with pytest.raises(ValueError, match=r"--value_model .* another tokenizer"):
         make_trainer(algo="ppo", critic="value_model", value_model=str(enumerable_model_dir))
 
+
+
+def test_ppo_ptx_adds_the_coefficient_times_the_lm_loss_gradient(make_trainer, tmp_path, monkeypatch) -> None:
+    r"""PPO-ptx: one step's gradient with ``--ptx_coef G`` minus the same step's without it is exactly
+    :math:`G\nabla\mathcal L_{LM}` of the pretraining pieces drawn for the minibatch (transformers' causal-LM loss,
+    recomputed here), and ``ppo/ptx_loss`` is that loss."""
+    text = tmp_path / "pretraining.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
+        "the quick brown fox jumps over the lazy dog", "a stitch in time saves nine", "all that glitters is not gold",
+        "where there is smoke there is fire", "many hands make light work", "the early bird catches the worm",
+        "actions speak louder than words", "better late than never", "look before you leap")))
+
+    def step_gradient(**overrides):
+        trainer = make_trainer(algo="ppo", steps=1, ppo_epochs=1, critic="none", output_dir=tmp_path / str(overrides),
+                               **overrides)
+        grads = {}
+
+        def capture():
+            grads.update({k: p.grad.detach().clone() for k, p in trainer._trainable().items()})
+            trainer.optimizer.zero_grad(set_to_none=True)
+            return None
+
+        monkeypatch.setattr(trainer, "optimizer_step", capture)
+        return trainer, trainer.train_step(0), grads
+
+    coef = 0.7
+    _, _, plain = step_gradient()
+    trainer, metrics, mixed = step_gradient(ptx_data=str(text), ptx_coef=coef, ptx_length=8)
+    index = trainer.ptx_batches.step(0)[trainer.ptx_slice()]
+    assert len(index) == trainer.config.batch_size  # as many pieces as the minibatch has sequences
+    rows = [trainer.ptx.prompt_ids[i] + trainer.ptx.completion_ids[i] for i in index]
+    width = max(map(len, rows))
+    pad = trainer.policy.tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = input_ids.masked_fill(attention == 0, -100)
+    labels[:, 0] = -100  # the BOS before each piece carries no loss
+    lm_loss = trainer.model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+    params = trainer._trainable()
+    expected = torch.autograd.grad(coef * lm_loss, list(params.values()))
+    assert metrics["ppo/ptx_loss"] == pytest.approx(float(lm_loss), abs=1e-5)
+    for (name, got), want in zip(mixed.items(), expected):
+        torch.testing.assert_close(got - plain[name], want, rtol=1e-4, atol=1e-6, msg=name)
+    assert max(float(g.abs().max()) for g in expected) > 1e-6
