@@ -5,6 +5,11 @@
     fdpg train [--config FILE.yaml] [--task sentiment] [--divergence js] [--beta 0.1] ...
     fdpg train --algo ppo --task sentiment --beta 0.1 ...       the PPO baseline on the same engine
     fdpg train --algo dpo --preferences PAIRS|task [--divergence js] ...   DPO / f-DPO from preference pairs
+    fdpg train --algo sft --data DEMONSTRATIONS ...               supervised fine-tuning (completion tokens only)
+    fdpg train --algo raft --samples_per_prompt K ...             online rejection-sampling fine-tuning (best of K)
+    fdpg train --algo ppo --ptx_data TEXT --ptx_coef G ...        PPO-ptx; --model RUN starts from a finished run
+    fdpg filter-samples --task T --n N --quantile Q --output_dir DIR   base samples the task scores best, as SFT data
+    fdpg pipeline PIPELINE.yaml [--dry_run]                       chained stages (sft -> reward model -> ppo ...)
     fdpg eval --task sentiment --model RUN_DIR_OR_MODEL [--n 64]   metrics of a model or a run
     fdpg analyze runs/* --out report                               Pareto frontier and plots of runs
     fdpg sweep --grid "divergence=rkl,js seed=0,1" --output_dir sweeps/NAME [train flags]   one run per cell
@@ -510,9 +515,22 @@ def cmd_reward_collapse(argv: Sequence[str]) -> int:
     return reward_collapse(argv)
 
 
+def cmd_pipeline(argv: Sequence[str]) -> int:
+    from fdpg.pipeline import cmd_pipeline as pipeline
+
+    return pipeline(argv)
+
+
+def cmd_filter_samples(argv: Sequence[str]) -> int:
+    from fdpg.filter_samples import cmd_filter_samples as filter_samples
+
+    return filter_samples(argv)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "sweep": cmd_sweep, "bon": cmd_bon,
             "report": cmd_report, "reward-model": cmd_reward_model, "reward-collapse": cmd_reward_collapse,
-            "divergences": cmd_divergences, "tasks": cmd_tasks, "models": cmd_models}
+            "divergences": cmd_divergences, "tasks": cmd_tasks, "models": cmd_models, "pipeline": cmd_pipeline,
+            "filter-samples": cmd_filter_samples}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
