@@ -21,8 +21,8 @@ Results (``results/``): ``curves.png`` (on-policy batch means of the reward and 
 mean over seeds with a ±1 s.e. band: each step's batch is 16 fresh samples of the current policy, the quantity
 an evaluation measures, from fewer samples), ``final.csv`` (each arm's final evaluation of 512 completions,
 seeds pooled), ``runs.csv`` and ``metrics.csv`` (each run's evaluated point and its training log: the
-analysis can be redone from them), ``comparisons.csv`` (fine against holistic within each algorithm, and every pair at matched KL) and
-``verdict.md``.
+analysis can be redone from them), ``comparisons.csv`` (fine against holistic within each algorithm, and every
+pair at matched KL) and ``verdict.md``.
 """
 
 from __future__ import annotations
@@ -79,8 +79,7 @@ def arm_label(config: dict[str, Any]) -> str:
 def write_results(out: Path, z: float = 2.0) -> dict[str, Any]:
     """``results/``: the curves against samples seen, the final evaluations per arm and the verdict."""
     from analysis import frontier_points, load_runs, plot_training_curves, scan_runs
-    from analysis.verdict import (Point, arms_from_points, compare_arms, compare_sqrt_fits, comparisons_frame,
-                                  pool_seeds)
+    from analysis.verdict import Point, arms_from_points, compare_arms, compare_sqrt_fits, comparisons_frame, pool_seeds
 
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)

@@ -21,10 +21,11 @@ r"""``fdpg pipeline CONFIG.yaml``: the stages of the RLHF pipeline chained, each
 Each stage is one ``fdpg`` command (``train``, ``reward-model train``, ``filter-samples``, ``bon``, ``report``, ...)
 run as a subprocess with ``--output_dir OUTPUT_DIR/NAME`` (``report``: ``--out``; its runs as ``positional``);
 ``{NAME}`` in an argument is an earlier stage's directory, so ``model: "{sft}"`` starts PPO from the SFT run (its
-reference is that model: :func:`fdpg.models.finished_run`). Run the same command again: a finished stage (its ``summary.json`` says
-``finished``, or its ``pipeline_done`` marker is there) is skipped, an interrupted ``train`` or ``reward-model train``
-stage resumes from its checkpoint (``--resume``), and the pipeline goes on from there. Each stage's output goes to
-``OUTPUT_DIR/logs/NAME.log``; ``pipeline.json`` records each stage's command, status and wall time.
+reference is that model: :func:`fdpg.models.finished_run`). Run the same command again: a finished stage (its
+``summary.json`` says ``finished``, or its ``pipeline_done`` marker is there) is skipped, an interrupted ``train``
+or ``reward-model train`` stage resumes from its checkpoint (``--resume``), and the pipeline goes on from there.
+Each stage's output goes to ``OUTPUT_DIR/logs/NAME.log``; ``pipeline.json`` records each stage's command, status and
+wall time.
 """
 
 from __future__ import annotations
