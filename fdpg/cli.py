@@ -129,11 +129,13 @@ def build_trainer(config: TrainConfig):
     elif config.algo == "dpo":
         pair_reward = pair_reward_feature(spec, config) if config.preferences == "task" and not config.resume else None
     elif config.algo == "raft":
-        reward_target(spec.target, config.reward_feature, config.beta, algo="raft")  # refused before the model load
+        # RAFT ranks by a reward, needs no fitted target: refused or rebuilt here, before any model is loaded.
+        spec.target, spec.fit = reward_target(spec.target, config.reward_feature, config.beta, algo="raft"), None
     elif config.algo == "sft":
         from fdpg.demonstrations import load_demonstrations
 
         demonstrations = load_demonstrations(config.data)  # bad data refused before the model load
+        spec.fit = None  # SFT's target is the data; the task's (unfitted) target only labels the evaluation
     else:
         refuse_infinite_divergence_to_zeros(spec.target, config)
     torch.manual_seed(config.seed)
