@@ -2,7 +2,7 @@ r"""``fdpg filter-samples``: demonstrations made by filtering the base model's o
 SFT data" arm; one offline round of rejection sampling).
 
 ``--n`` completions of the model, one per prompt drawn from the task's pool (seeded), scored by the task's reward;
-those at or above the ``--quantile`` of the scores are written to ``OUTPUT_DIR/demonstrations.jsonl`` (columns
+those at or above the ``--quantile`` of the scores (or ``--min_score``) are written to ``OUTPUT_DIR/demonstrations.jsonl`` (columns
 ``prompt``, ``completion``, ``score``), ready for ``fdpg train --algo sft --data``. SFT on them moves the model
 toward :math:`a` restricted to the top of its score distribution, :math:`P = a\cdot 1[r\ge\tau]` (forward KL, as
 GDC's binary constraint: :mod:`objectives.likelihood`).
@@ -33,6 +33,9 @@ def cmd_filter_samples(argv: Sequence[str]) -> int:
     parser.add_argument("--model", default=TrainConfig.model)
     parser.add_argument("--n", type=int, default=256, help="completions drawn (one per drawn prompt)")
     parser.add_argument("--quantile", type=float, default=0.75, help="keep scores at or above this quantile, in [0, 1)")
+    parser.add_argument("--min_score", "--min-score", type=float, default=None,
+                        help="keep scores at or above this value instead (e.g. 1 for a 0/1 feature, whose quantiles "
+                             "are 0 when few samples score 1)")
     parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=TrainConfig.max_new_tokens)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task_args", "--task-args", default="")
@@ -51,14 +54,19 @@ def cmd_filter_samples(argv: Sequence[str]) -> int:
     prompts = [pool[i] for i in rng.choice(len(pool), size=args.n, replace=len(pool) < args.n)]
     batch = sample_for_prompts(policy, prompts, args.max_new_tokens, args.seed, progress=not args.no_progress)
     scores = checked_features(spec.target, spec.scorer(list(batch.texts), list(batch.prompts)), len(batch))[feature]
-    keep = keep_above_quantile(scores.double(), args.quantile)
+    keep = (scores.double() >= args.min_score if args.min_score is not None
+            else keep_above_quantile(scores.double(), args.quantile))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"prompt": p, "completion": t, "score": float(s)}
             for p, t, s, k in zip(batch.prompts, batch.texts, scores.tolist(), keep.tolist()) if k and t.strip()]
     with open(out / "demonstrations.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
-    summary = {"n": args.n, "kept": len(rows), "quantile": args.quantile, "feature": feature,
+    if not rows:
+        raise SystemExit(f"fdpg filter-samples: no sample of {args.n} kept (feature {feature!r}); draw more or lower "
+                         "--min_score / --quantile")
+    summary = {"n": args.n, "kept": len(rows), "quantile": args.quantile, "min_score": args.min_score,
+               "feature": feature,
                "mean_score": float(scores.double().mean()),
                "kept_mean_score": float(np.mean([r["score"] for r in rows])) if rows else None}
     (out / "filter.json").write_text(json.dumps(summary, indent=1) + "\n")
