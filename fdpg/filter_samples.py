@@ -2,10 +2,10 @@ r"""``fdpg filter-samples``: demonstrations made by filtering the base model's o
 SFT data" arm; one offline round of rejection sampling).
 
 ``--n`` completions of the model, one per prompt drawn from the task's pool (seeded), scored by the task's reward;
-those at or above the ``--quantile`` of the scores (or ``--min_score``) are written to ``OUTPUT_DIR/demonstrations.jsonl`` (columns
-``prompt``, ``completion``, ``score``), ready for ``fdpg train --algo sft --data``. SFT on them moves the model
-toward :math:`a` restricted to the top of its score distribution, :math:`P = a\cdot 1[r\ge\tau]` (forward KL, as
-GDC's binary constraint: :mod:`objectives.likelihood`).
+those at or above the ``--quantile`` of the scores (or ``--min_score``) are written to
+``OUTPUT_DIR/demonstrations.jsonl`` (columns ``prompt``, ``completion``, ``score``), ready for ``fdpg train --algo
+sft --data``. SFT on them moves the model toward :math:`a` restricted to the top of its score distribution, :math:`P
+= a\cdot 1[r\ge\tau]` (forward KL, as GDC's binary constraint: :mod:`objectives.likelihood`).
 """
 
 from __future__ import annotations
