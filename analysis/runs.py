@@ -31,7 +31,7 @@ NOT_A_SETTING = frozenset({"seed", "output_dir", "resume", "report_to", "save_ev
                            "exact_kl_every"})
 #: How ``method`` names the algorithms of ``algo`` (f-DPG is labelled with its divergence). ``bon``: Best-of-n
 #: sampling from the base model (:mod:`fdpg.bon`), a reference point beside the trained policies.
-ALGORITHM_LABELS = {"fdpg": "f-DPG", "ppo": "PPO", "dpo": "DPO", "bon": "Best-of-n"}
+ALGORITHM_LABELS = {"fdpg": "f-DPG", "ppo": "PPO", "dpo": "DPO", "sft": "SFT", "raft": "RAFT", "bon": "Best-of-n"}
 #: Algorithms whose "runs" are not trained (one logged row, no training curve): left out of training curves.
 UNTRAINED_ALGOS = frozenset({"bon"})
 
