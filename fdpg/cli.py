@@ -327,7 +327,10 @@ def progress_report(metrics_file: Path, window: int = 5) -> str:
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     if not rows:
         return "[fdpg] no step was logged"
-    keys = [k for k in rows[0] if k.startswith("score/")] + ["kl_pi_a"]
+    logged = {key for r in rows for key, v in r.items() if isinstance(v, (int, float))}
+    # the task's scores and KL of the sampled batches; SFT's steps sample nothing: their loss instead
+    keys = [key for key in sorted(logged) if key.startswith("score/")] + [
+        key for key in ("kl_pi_a", "loss", "heldout/loss") if key in logged]
     k = min(window, len(rows))
 
     def mean(part: list[dict], key: str) -> float:

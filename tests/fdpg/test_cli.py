@@ -235,3 +235,14 @@ def test_a_finished_run_prints_its_evaluation_above_the_batch_means(tmp_path: Pa
     assert any(line.strip().startswith("kl_pi_a_exact") and "1.2000 ± 0.0200" in line for line in text.splitlines())
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "score/reward": 0.2, "kl_pi_a": 0.0}) + "\n")
     assert progress_report(tmp_path / "metrics.jsonl").startswith("[fdpg] training batches (not the evaluation)")
+
+
+def test_the_batch_means_of_an_sft_run_show_its_loss_not_a_missing_kl(tmp_path: Path) -> None:
+    """SFT's steps sample nothing (scores only on evaluation steps, no kl_pi_a): the report shows its loss."""
+    from fdpg.cli import progress_report
+
+    rows = [{"step": 1, "loss": 3.0, "score/reward": 0.1}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = progress_report(tmp_path / "metrics.jsonl", window=2).splitlines()[1:]
+    assert [line.split() for line in lines] == [["score/reward", "0.100", "->", "nan"],
+                                                ["loss", "2.500", "->", "1.500"]]
