@@ -138,7 +138,9 @@ class TrainConfig:
         "help": "PPO: subtract this from the reward of completions that end without EOS."})
     critic: str = field(default="policy_head", metadata={
         "help": "PPO: policy_head (a value head on the policy's own backbone, trained with it), value_model "
-                "(a separate model, --value_model) or none (V = 0)."})
+                "(a separate model, --value_model), reward_model:RUN (a separate value model initialised from a "
+                "reward model of `fdpg reward-model train` on the policy's tokenizer, as InstructGPT) or none "
+                "(V = 0)."})
     value_model: str | None = field(default=None, metadata={
         "help": "PPO: the separate value model's hub name or path (--critic value_model); same tokenizer."})
     loss_aggregation: str = field(default="token_mean", metadata={
@@ -352,8 +354,8 @@ class TrainConfig:
         if self.loss_aggregation not in AGGREGATIONS:
             raise ValueError(f"--loss_aggregation must be one of {', '.join(AGGREGATIONS)}, "
                              f"got {self.loss_aggregation!r}")
-        if self.critic not in CRITICS:
-            raise ValueError(f"--critic must be one of {', '.join(CRITICS)}, got {self.critic!r}")
+        if self.critic not in CRITICS and not (self.critic.startswith("reward_model:") and self.critic[13:].strip()):
+            raise ValueError(f"--critic must be one of {', '.join(CRITICS)} or reward_model:RUN, got {self.critic!r}")
         if self.ptx_coef < 0 or (self.ptx_coef > 0) != (self.ptx_data is not None) or self.ptx_length < 1:
             raise ValueError(f"PPO-ptx needs both --ptx_data TEXT and --ptx_coef G > 0 (and --ptx_length >= 1), got "
                              f"--ptx_data {self.ptx_data!r}, --ptx_coef {self.ptx_coef!r}, --ptx_length "

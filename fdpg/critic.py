@@ -8,7 +8,10 @@ the final hidden state :math:`h_t` that predicts :math:`y_t` (the same position 
   LoRA it reads the adapter-on backbone and trains with the adapter). Initialised to zero, so that :math:`V = 0`
   at the start.
 - :class:`ValueModel`: any causal LM's backbone with its own :class:`ValueHead`, trained in full; it must share
-  the policy's tokenizer (it reads the same token ids).
+  the policy's tokenizer (it reads the same token ids). :meth:`ValueModel.from_reward_model` initialises it from a
+  reward model of ``fdpg reward-model train`` (InstructGPT's value function): its backbone, and its scalar head's
+  weights as the value head's, so that at the start :math:`V(s_t)` is the reward model's logit of the prefix
+  :math:`(c, y_{<t})`.
 """
 
 from __future__ import annotations
@@ -63,13 +66,43 @@ class ValueModel(nn.Module):
                 "model of the policy's family, or --critic policy_head")
         return cls(load_causal_lm(name_or_path, trust_remote_code=trust_remote_code))
 
+    @classmethod
+    def from_reward_model(cls, path: str, policy_tokenizer) -> ValueModel:
+        """The reward model of the run ``path`` (its backbone and its head's weights); refused when its tokenizer is
+        not the policy's or its head is not one linear output."""
+        from fdpg.reward_model import RewardModel
+
+        reward_model = RewardModel.load(path)
+        if reward_model.tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+            raise ValueError(
+                f"--critic reward_model:{path}: the reward model's tokenizer ({len(reward_model.tokenizer)} tokens) "
+                f"is not the policy's ({len(policy_tokenizer)}): the critic reads the policy's token ids. Train the "
+                "reward model on the policy's family (fdpg reward-model train --model ...), or use --critic "
+                "policy_head")
+        model = reward_model.model
+        head = next((m for name in ("score", "classifier") if isinstance(m := getattr(model, name, None), nn.Linear)
+                     and m.out_features == 1), None)
+        if head is None:
+            raise ValueError(f"--critic reward_model:{path}: its head is not a single linear output (score or "
+                             "classifier); use --critic policy_head")
+        value = cls(getattr(model, model.base_model_prefix).requires_grad_(True))
+        with torch.no_grad():
+            value.head.linear.weight.copy_(head.weight.to(value.head.linear.weight.dtype))
+            value.head.linear.bias.copy_(head.bias if head.bias is not None else torch.zeros(1))
+        return value
+
     def forward(self, batch: SampleBatch) -> torch.Tensor:
         """``[B, T]`` values of the states before each completion token (0 where masked)."""
         input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
         attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         length, t = input_ids.shape[1], batch.completion_ids.shape[1]
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1][:, length - t - 1:length - 1]
+        if self.backbone.get_output_embeddings() is not None:  # a causal LM: its last hidden states, 1 logit row
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            states = out.hidden_states[-1]
+        else:  # a bare decoder (a reward model's backbone)
+            states = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
+        hidden = states[:, length - t - 1:length - 1]
         return self.head(hidden) * batch.completion_mask

@@ -101,6 +101,8 @@ class PPOTrainer(OnlineTrainer):
         cfg = self.config
         if cfg.critic == "policy_head":
             return {"value_head": ValueHead(hidden_size_of(self.policy.model))}
+        if cfg.critic.startswith("reward_model:"):
+            return {"value_model": ValueModel.from_reward_model(cfg.critic.split(":", 1)[1], self.policy.tokenizer)}
         if cfg.critic == "value_model":
             return {"value_model": ValueModel.from_pretrained(cfg.value_model, self.policy.tokenizer,
                                                               cfg.trust_remote_code)}
@@ -127,7 +129,7 @@ class PPOTrainer(OnlineTrainer):
         values = None
         if critic == "policy_head":
             values = self.extra_modules["value_head"](hidden) * part.completion_mask
-        elif critic == "value_model":
+        elif "value_model" in self.extra_modules:  # --critic value_model or reward_model:RUN
             values = self.extra_modules["value_model"](part)
         return token_log_pi, values, hidden
 

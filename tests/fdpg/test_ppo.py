@@ -252,3 +252,43 @@ def test_ppo_ptx_adds_the_coefficient_times_the_lm_loss_gradient(make_trainer, t
     for (name, got), want in zip(mixed.items(), expected):
         torch.testing.assert_close(got - plain[name], want, rtol=1e-4, atol=1e-6, msg=name)
     assert max(float(g.abs().max()) for g in expected) > 1e-6
+
+
+@pytest.mark.slow
+def test_the_critic_initialised_from_a_reward_model_reads_its_logit_of_each_prefix(tiny_model_dir, make_trainer,
+                                                                                  tmp_path) -> None:
+    r"""``--critic reward_model:RUN`` (InstructGPT's value initialisation): before any update
+    :math:`V(s_t)` is the reward model's logit of the prefix :math:`(c, y_{<t})`, read from its own
+    sequence-classification forward on the same token ids; PPO then trains with it."""
+    from fdpg.critic import ValueModel
+    from fdpg.reward_model import RewardModel
+    from fdpg.reward_model_cli import cmd_reward_model
+    from fdpg.sampling import SampleBatch
+
+    rows = [{"prompt": p, "responses": [p + " good", p + " bad", p + " so so"]} for p in
+            ("hello", "the cat", "my day", "a b", "one two", "x y z", "tea", "sun")]
+    data = tmp_path / "rankings.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "rm"
+    assert cmd_reward_model(["train", "--data", str(data), "--model", str(tiny_model_dir), "--batch_size", "4",
+                             "--steps", "2", "--progress", "false", "--output_dir", str(run)]) == 0
+    reward_model = RewardModel.load(run)
+    trainer = make_trainer(algo="ppo", steps=1, critic=f"reward_model:{run}")
+    value = trainer.extra_modules["value_model"]
+    assert isinstance(value, ValueModel)
+    tokenizer = trainer.policy.tokenizer
+    prompt_ids = [tokenizer("hello")["input_ids"], tokenizer("the cat")["input_ids"]]
+    completions = [tokenizer(" sat on a mat", add_special_tokens=False)["input_ids"],
+                   tokenizer(" ran", add_special_tokens=False)["input_ids"]]
+    batch = SampleBatch.from_token_rows(["hello", "the cat"], prompt_ids, completions, ["", ""],
+                                        tokenizer.pad_token_id)
+    with torch.no_grad():
+        values = value(batch)
+        for j, (p, c) in enumerate(zip(prompt_ids, completions)):
+            for t in range(len(c)):
+                ids = torch.tensor([p + c[:t]])
+                logit = reward_model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0]
+                assert float(values[j, t]) == pytest.approx(float(logit), abs=1e-5), (j, t)
+    assert float(values.abs().max()) > 0  # not a zero-initialised head
+    metrics = trainer.train_step(0)
+    assert metrics["ppo/value_loss"] is not None
