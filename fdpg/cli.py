@@ -9,7 +9,8 @@
     fdpg train --algo raft --samples_per_prompt K ...             online rejection-sampling fine-tuning (best of K)
     fdpg train --algo ppo --ptx_data TEXT --ptx_coef G ...        PPO-ptx; --model RUN starts from a finished run
     fdpg filter-samples --task T --n N --quantile Q --output_dir DIR   base samples the task scores best, as SFT data
-    fdpg pipeline PIPELINE.yaml [--dry_run]                       chained stages (sft -> reward model -> ppo ...)
+    fdpg label-rankings --task T --model RUN --k 4 --output_dir DIR   K-wise rankings of a model's samples by the task
+    fdpg pipeline PIPELINE.yaml [--dry_run]                       chained stages (sft -> reward model -> ppo, rounds)
     fdpg eval --task sentiment --model RUN_DIR_OR_MODEL [--n 64]   metrics of a model or a run
     fdpg analyze runs/* --out report                               Pareto frontier and plots of runs
     fdpg sweep --grid "divergence=rkl,js seed=0,1" --output_dir sweeps/NAME [train flags]   one run per cell
@@ -532,10 +533,16 @@ def cmd_filter_samples(argv: Sequence[str]) -> int:
     return filter_samples(argv)
 
 
+def cmd_label_rankings(argv: Sequence[str]) -> int:
+    from fdpg.label_rankings import cmd_label_rankings as label_rankings
+
+    return label_rankings(argv)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "sweep": cmd_sweep, "bon": cmd_bon,
             "report": cmd_report, "reward-model": cmd_reward_model, "reward-collapse": cmd_reward_collapse,
             "divergences": cmd_divergences, "tasks": cmd_tasks, "models": cmd_models, "pipeline": cmd_pipeline,
-            "filter-samples": cmd_filter_samples}
+            "filter-samples": cmd_filter_samples, "label-rankings": cmd_label_rankings}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

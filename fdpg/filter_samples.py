@@ -19,47 +19,26 @@ import numpy as np
 
 
 def cmd_filter_samples(argv: Sequence[str]) -> int:
-    from fdpg.bon import reward_feature_of
-    from fdpg.config import TrainConfig
-    from fdpg.evaluation import sample_for_prompts
-    from fdpg.policy import Policy
-    from fdpg.scores import checked_features
+    from fdpg.scored_samples import add_sampling_arguments, draw_scored_samples
     from objectives.likelihood import keep_above_quantile
-    from tasks import get_task
 
     parser = argparse.ArgumentParser(prog="fdpg filter-samples", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", required=True)
-    parser.add_argument("--output_dir", "--output-dir", required=True)
-    parser.add_argument("--model", default=TrainConfig.model)
+    add_sampling_arguments(parser)
     parser.add_argument("--n", type=int, default=256, help="completions drawn (one per drawn prompt)")
     parser.add_argument("--quantile", type=float, default=0.75, help="keep scores at or above this quantile, in [0, 1)")
     parser.add_argument("--min_score", "--min-score", type=float, default=None,
                         help="keep scores at or above this value instead (e.g. 1 for a 0/1 feature, whose quantiles "
                              "are 0 when few samples score 1)")
-    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=TrainConfig.max_new_tokens)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--task_args", "--task-args", default="")
-    parser.add_argument("--reward_feature", "--reward-feature", default=None)
-    parser.add_argument("--beta", type=float, default=TrainConfig.beta)
-    parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(list(argv))
     if args.n < 1 or not 0 <= args.quantile < 1:
         parser.error(f"--n must be positive and --quantile in [0, 1); got --n {args.n}, --quantile {args.quantile}")
-    config = TrainConfig(task=args.task, task_args=args.task_args, beta=args.beta)
-    spec = get_task(args.task).build(args.beta, config.task_options(), None)
-    feature = reward_feature_of(spec, args.reward_feature, args.beta)
-    policy = Policy.from_pretrained(args.model)
-    pool = list(spec.prompts) if spec.prompts else [""]
-    rng = np.random.default_rng(args.seed)
-    prompts = [pool[i] for i in rng.choice(len(pool), size=args.n, replace=len(pool) < args.n)]
-    batch = sample_for_prompts(policy, prompts, args.max_new_tokens, args.seed, progress=not args.no_progress)
-    scores = checked_features(spec.target, spec.scorer(list(batch.texts), list(batch.prompts)), len(batch))[feature]
-    keep = (scores.double() >= args.min_score if args.min_score is not None
-            else keep_above_quantile(scores.double(), args.quantile))
+    samples = draw_scored_samples(args, args.n)
+    scores, feature = samples.scores, samples.feature
+    keep = scores >= args.min_score if args.min_score is not None else keep_above_quantile(scores, args.quantile)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"prompt": p, "completion": t, "score": float(s)}
-            for p, t, s, k in zip(batch.prompts, batch.texts, scores.tolist(), keep.tolist()) if k and t.strip()]
+            for p, t, s, k in zip(samples.prompts, samples.texts, scores.tolist(), keep.tolist()) if k and t.strip()]
     with open(out / "demonstrations.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
     if not rows:
@@ -67,7 +46,7 @@ def cmd_filter_samples(argv: Sequence[str]) -> int:
                          "--min_score / --quantile")
     summary = {"n": args.n, "kept": len(rows), "quantile": args.quantile, "min_score": args.min_score,
                "feature": feature,
-               "mean_score": float(scores.double().mean()),
+               "mean_score": float(scores.mean()),
                "kept_mean_score": float(np.mean([r["score"] for r in rows])) if rows else None}
     (out / "filter.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"[fdpg] kept {len(rows)} of {args.n} samples ({feature} mean {summary['mean_score']:.3f} -> "

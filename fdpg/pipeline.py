@@ -18,14 +18,34 @@ r"""``fdpg pipeline CONFIG.yaml``: the stages of the RLHF pipeline chained, each
         command: train
         args: {algo: ppo, model: "{sft}", lora_r: 8, steps: 40}
 
-Each stage is one ``fdpg`` command (``train``, ``reward-model train``, ``filter-samples``, ``bon``, ``report``, ...)
-run as a subprocess with ``--output_dir OUTPUT_DIR/NAME`` (``report``: ``--out``; its runs as ``positional``);
+Each stage is one ``fdpg`` command (``train``, ``reward-model train``, ``filter-samples``, ``label-rankings``,
+``bon``, ``eval``, ``report``, ...) run as a subprocess with ``--output_dir OUTPUT_DIR/NAME`` (``report``: ``--out``,
+its runs as ``positional``; ``eval``: ``--out OUTPUT_DIR/NAME/eval.json``);
 ``{NAME}`` in an argument is an earlier stage's directory, so ``model: "{sft}"`` starts PPO from the SFT run (its
 reference is that model: :func:`fdpg.models.finished_run`). Run the same command again: a finished stage (its
 ``summary.json`` says ``finished``, or its ``pipeline_done`` marker is there) is skipped, an interrupted ``train``
 or ``reward-model train`` stage resumes from its checkpoint (``--resume``), and the pipeline goes on from there.
 Each stage's output goes to ``OUTPUT_DIR/logs/NAME.log``; ``pipeline.json`` records each stage's command, status and
 wall time.
+
+**Iterated rounds** (InstructGPT, Llama 2): an entry ``{rounds: R, initial: {...}, stages: [...]}`` repeats its
+stages ``R`` times, the stage ``NAME`` of round ``r`` being ``NAME.r`` (its directory ``OUTPUT_DIR/NAME.r``). Inside a
+round, ``{NAME}`` is that round's stage, ``{NAME@previous}`` the previous round's (in round 1: ``initial[NAME]``,
+itself a placeholder or a model), and ``{round}`` the round's number; later stages name a round's stage in full
+(``{policy.2}``)::
+
+      - rounds: 2
+        initial: {policy: "{sft}"}           # round 1 ranks the SFT model's samples
+        stages:
+          - name: labels                     # rankings of the current policy's samples, labelled by the task
+            command: label-rankings
+            args: {model: "{policy@previous}", task: gender, reward_feature: female, prompts: 128, k: 4}
+          - name: rm                         # the reward model retrained on them
+            command: reward-model train
+            args: {data: "{labels}/rankings.jsonl", steps: 200}
+          - name: policy                     # PPO from the SFT model on the new reward model
+            command: train
+            args: {algo: ppo, model: "{sft}", task: reward_model, task_args: "path={rm}", critic: "reward_model:{rm}"}
 """
 
 from __future__ import annotations
@@ -44,14 +64,57 @@ from typing import Any
 
 #: Commands whose stage directory is a run that ``--resume`` continues.
 RESUMABLE = ("train", "reward-model train")
-#: Commands whose output goes into ``--output_dir``; the rest get ``--out`` (``report``).
-OUT_FLAG = {"report": "--out"}
+#: Commands whose output is not ``--output_dir DIRECTORY``: the flag and the file in the stage's directory it names
+#: (``""``: the directory itself).
+OUT_FLAG = {"report": ("--out", ""), "eval": ("--out", "eval.json")}
 #: Marker written into a stage's directory once a command without a ``summary.json`` finished.
 DONE_MARKER = "pipeline_done"
 
 
 class PipelineConfigError(ValueError):
     """A pipeline file that cannot be run: the message names the stage and the key."""
+
+
+def expand_rounds(stages: list[Any], path: str | Path) -> list[Any]:
+    """The stages with every ``{rounds: R, initial, stages}`` entry unrolled into ``NAME.1 .. NAME.R`` (see the
+    module's docstring for the placeholders of a round)."""
+    flat: list[Any] = []
+    for i, entry in enumerate(stages):
+        if not (isinstance(entry, dict) and "rounds" in entry):
+            flat.append(entry)
+            continue
+        rounds, inner, initial = entry["rounds"], entry.get("stages"), entry.get("initial", {}) or {}
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1 or not isinstance(inner, list) \
+                or not inner or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in inner) \
+                or not isinstance(initial, dict):
+            raise PipelineConfigError(f"{path}: entry {i} needs rounds: a positive integer, stages: a list of named "
+                                      "stages and, optionally, initial: a mapping NAME: placeholder or model")
+        local = [s["name"] for s in inner]
+        for r in range(1, rounds + 1):
+            def resolved(text: str, r: int = r) -> str:
+                def one(match: re.Match) -> str:
+                    ref = match.group(1)
+                    name, _, when = ref.partition("@")
+                    if ref == "round":
+                        return str(r)
+                    if when == "previous":
+                        if name not in local:
+                            raise PipelineConfigError(f"{path}: {{{ref}}}: {name!r} is not a stage of the round "
+                                                      f"(its stages: {local})")
+                        if r > 1:
+                            return f"{{{name}.{r - 1}}}"
+                        if name not in initial:
+                            raise PipelineConfigError(f"{path}: round 1 has no previous {name!r}: give it as "
+                                                      f"initial: {{{name}: ...}}")
+                        return str(initial[name])
+                    return f"{{{ref}.{r}}}" if ref in local else match.group(0)
+                return re.sub(r"\{([^{}]+)\}", one, text)
+
+            for stage in inner:
+                args = {k: resolved(v) if isinstance(v, str) else v for k, v in (stage.get("args") or {}).items()}
+                positional = [resolved(v) if isinstance(v, str) else v for v in stage.get("positional", []) or []]
+                flat.append({**stage, "name": f"{stage['name']}.{r}", "args": args, "positional": positional})
+    return flat
 
 
 def load_pipeline(path: str | Path) -> dict[str, Any]:
@@ -65,6 +128,7 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
     stages = spec.get("stages")
     if not isinstance(stages, list) or not stages:
         raise PipelineConfigError(f"{path}: needs stages: a list of {{name, command, args}}")
+    stages = spec["stages"] = expand_rounds(stages, path)
     seen: list[str] = []
     for i, stage in enumerate(stages):
         if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or not stage.get("command"):
@@ -103,7 +167,8 @@ def stage_argv(stage: dict[str, Any], defaults: dict[str, Any], out: Path) -> li
     argv = [*command, *(resolved(v) for v in stage.get("positional", []) or [])]
     for key, value in args.items():
         argv += [f"--{key}"] if value is None else [f"--{key}", resolved(value)]  # null: a bare switch
-    argv += [OUT_FLAG.get(command[0], "--output_dir"), str(out / stage["name"])]
+    flag, file = OUT_FLAG.get(command[0], ("--output_dir", ""))
+    argv += [flag, str(out / stage["name"] / file) if file else str(out / stage["name"])]
     return argv
 
 
@@ -147,6 +212,8 @@ def run_pipeline(path: str | Path, dry_run: bool = False) -> int:
         if dry_run:
             continue
         started = time.perf_counter()
+        if OUT_FLAG.get(stage["command"], ("", ""))[1]:
+            directory.mkdir(parents=True, exist_ok=True)  # the command writes a file into it
         with open(out / "logs" / f"{name}.log", "a", encoding="utf-8") as log:
             code = subprocess.call([sys.executable, "-m", "fdpg.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ})

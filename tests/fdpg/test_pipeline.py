@@ -39,6 +39,8 @@ def test_stage_arguments_resolve_defaults_placeholders_and_switches(tmp_path) ->
     argv = stage_argv({"name": "rep", "command": "report", "positional": ["{ppo}"], "args": {"no_html": None}},
                       {"task": "gender"}, out)
     assert argv == ["report", str(out / "ppo"), "--no_html", "--out", str(out / "rep")]  # defaults are train's
+    argv = stage_argv({"name": "ev", "command": "eval", "args": {"task": "gender", "model": "{ppo}"}}, {}, out)
+    assert argv == ["eval", "--task", "gender", "--model", str(out / "ppo"), "--out", str(out / "ev" / "eval.json")]
     assert stage_status(out / "missing") == "absent"
 
 
@@ -73,3 +75,63 @@ def test_a_pipeline_runs_filter_sft_raft_and_resumes(tiny_word_model_dir, tmp_pa
     assert stage_status(out / "sft") == "resumable"
     assert run_pipeline(path, dry_run=True) == 0
     assert f"--resume {out / 'sft'}" in capsys.readouterr().out
+
+
+def test_rounds_unroll_into_numbered_stages_with_the_previous_rounds_placeholders(tmp_path) -> None:
+    spec = load_pipeline(write(tmp_path / "r.json", {"output_dir": "x", "stages": [
+        {"name": "sft", "command": "train", "args": {"algo": "sft"}},
+        {"rounds": 2, "initial": {"policy": "{sft}"}, "stages": [
+            {"name": "labels", "command": "label-rankings", "args": {"model": "{policy@previous}", "seed": "{round}"}},
+            {"name": "rm", "command": "reward-model train", "args": {"data": "{labels}/rankings.jsonl"}},
+            {"name": "policy", "command": "train", "args": {"model": "{sft}", "task_args": "path={rm}", "steps": 3}}]},
+        {"name": "report", "command": "report", "positional": ["{policy.1}", "{policy.2}"]}]}))
+    stages = {s["name"]: s for s in spec["stages"]}
+    assert list(stages) == ["sft", "labels.1", "rm.1", "policy.1", "labels.2", "rm.2", "policy.2", "report"]
+    assert stages["labels.1"]["args"] == {"model": "{sft}", "seed": "1"}
+    assert stages["labels.2"]["args"] == {"model": "{policy.1}", "seed": "2"}
+    assert stages["rm.2"]["args"] == {"data": "{labels.2}/rankings.jsonl"}
+    assert stages["policy.2"]["args"] == {"model": "{sft}", "task_args": "path={rm.2}", "steps": 3}
+    out = tmp_path / "out"
+    assert stage_argv(stages["labels.2"], {}, out)[:3] == ["label-rankings", "--model", str(out / "policy.1")]
+
+
+def test_bad_rounds_are_refused_with_the_reason(tmp_path) -> None:
+    inner = [{"name": "labels", "command": "label-rankings", "args": {"model": "{policy@previous}"}},
+             {"name": "policy", "command": "train"}]
+    with pytest.raises(PipelineConfigError, match="round 1 has no previous 'policy'"):
+        load_pipeline(write(tmp_path / "a.json", {"output_dir": "x", "stages": [{"rounds": 2, "stages": inner}]}))
+    with pytest.raises(PipelineConfigError, match="rounds: a positive integer"):
+        load_pipeline(write(tmp_path / "b.json", {"output_dir": "x", "stages": [{"rounds": 0, "stages": inner}]}))
+    with pytest.raises(PipelineConfigError, match="'critic' is not a stage of the round"):
+        load_pipeline(write(tmp_path / "c.json", {"output_dir": "x", "stages": [
+            {"rounds": 1, "stages": [{"name": "p", "command": "train", "args": {"model": "{critic@previous}"}}]}]}))
+
+
+@pytest.mark.slow
+def test_two_rounds_rank_the_policys_samples_retrain_the_reward_model_and_train_on_it(tiny_word_model_dir,
+                                                                                    tmp_path) -> None:
+    out = tmp_path / "out"
+    model = str(tiny_word_model_dir)
+    common = {"model": model, "task": "sentiment", "max_new_tokens": 6, "batch_size": 4, "generation_batch_size": 4,
+              "micro_batch_size": 4, "eval_samples": 4, "progress": False, "lora_r": 4}
+    spec = {"output_dir": str(out), "defaults": common, "stages": [
+        {"rounds": 2, "initial": {"policy": model}, "stages": [
+            {"name": "labels", "command": "label-rankings",
+             "args": {"task": "sentiment", "model": "{policy@previous}", "prompts": 16, "k": 4, "max_new_tokens": 6,
+                      "seed": "{round}", "no_progress": None}},
+            {"name": "rm", "command": "reward-model train",
+             "args": {"data": "{labels}/rankings.jsonl", "model": model, "steps": 2, "batch_size": 2,
+                      "heldout_fraction": 0.25, "margin_column": "scores", "progress": "false"}},
+            {"name": "policy", "command": "train",
+             "args": {"algo": "ppo", "task": "reward_model", "task_args": "path={rm}", "steps": 1,
+                      "critic": "reward_model:{rm}"}}]}]}
+    assert run_pipeline(write(tmp_path / "rounds.json", spec)) == 0, (out / "logs").iterdir()
+    labels = json.loads((out / "labels.2" / "labels.json").read_text())
+    assert labels["model"] == str(out / "policy.1") and labels["rankings"] >= 1
+    rows = [json.loads(line) for line in (out / "labels.2" / "rankings.jsonl").read_text().splitlines()]
+    assert all(r["scores"] == sorted(r["scores"], reverse=True) and len(set(r["scores"])) == len(r["scores"])
+               for r in rows)
+    policy = json.loads((out / "policy.2" / "config.json").read_text())["config"]
+    assert policy["task_args"] == f"path={out / 'rm.2'}" and policy["critic"] == f"reward_model:{out / 'rm.2'}"
+    assert json.loads((out / "rm.2" / "config.json").read_text())["config"]["data"] == str(
+        out / "labels.2" / "rankings.jsonl")
