@@ -75,6 +75,24 @@ class PipelineConfigError(ValueError):
     """A pipeline file that cannot be run: the message names the stage and the key."""
 
 
+def round_placeholder(match: re.Match, r: int, local: list[str], initial: dict[str, Any], path: str | Path) -> str:
+    """One placeholder of round ``r`` resolved: ``{round}``, ``{NAME@previous}``, and ``{NAME}`` of a stage of the
+    round (``local``); any other placeholder unchanged (an earlier stage's)."""
+    ref = match.group(1)
+    name, _, when = ref.partition("@")
+    if ref == "round":
+        return str(r)
+    if when == "previous":
+        if name not in local:
+            raise PipelineConfigError(f"{path}: {{{ref}}}: {name!r} is not a stage of the round (its stages: {local})")
+        if r > 1:
+            return f"{{{name}.{r - 1}}}"
+        if name not in initial:
+            raise PipelineConfigError(f"{path}: round 1 has no previous {name!r}: give it as initial: {{{name}: ...}}")
+        return str(initial[name])
+    return f"{{{ref}.{r}}}" if ref in local else match.group(0)
+
+
 def expand_rounds(stages: list[Any], path: str | Path) -> list[Any]:
     """The stages with every ``{rounds: R, initial, stages}`` entry unrolled into ``NAME.1 .. NAME.R`` (see the
     module's docstring for the placeholders of a round)."""
@@ -91,24 +109,8 @@ def expand_rounds(stages: list[Any], path: str | Path) -> list[Any]:
                                       "stages and, optionally, initial: a mapping NAME: placeholder or model")
         local = [s["name"] for s in inner]
         for r in range(1, rounds + 1):
-            def resolved(text: str, r: int = r) -> str:
-                def one(match: re.Match) -> str:
-                    ref = match.group(1)
-                    name, _, when = ref.partition("@")
-                    if ref == "round":
-                        return str(r)
-                    if when == "previous":
-                        if name not in local:
-                            raise PipelineConfigError(f"{path}: {{{ref}}}: {name!r} is not a stage of the round "
-                                                      f"(its stages: {local})")
-                        if r > 1:
-                            return f"{{{name}.{r - 1}}}"
-                        if name not in initial:
-                            raise PipelineConfigError(f"{path}: round 1 has no previous {name!r}: give it as "
-                                                      f"initial: {{{name}: ...}}")
-                        return str(initial[name])
-                    return f"{{{ref}.{r}}}" if ref in local else match.group(0)
-                return re.sub(r"\{([^{}]+)\}", one, text)
+            def resolved(text: str, r: int = r, local: list[str] = local, initial: dict = initial) -> str:
+                return re.sub(r"\{([^{}]+)\}", lambda m: round_placeholder(m, r, local, initial, path), text)
 
             for stage in inner:
                 args = {k: resolved(v) if isinstance(v, str) else v for k, v in (stage.get("args") or {}).items()}
