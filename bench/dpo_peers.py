@@ -22,7 +22,8 @@ eval_samples=0,
 exact_kl_every=0, heldout_fraction=0, mixed_precision="no", progress=False, log_samples_every=0, seed=0)``
 (``train()`` is never called, so no run directory is written), the policy from
 ``Policy.from_pretrained(MODEL, lora=LoraSettings(...))``, pairs from ``fdpg.preferences.tokenize_pairs``
-(no length limit) and ``fdpg.dpo.DPOTrainer``. The reference log-probabilities of every pair are computed once
+(no length limit) and
+``fdpg.algorithms.dpo.DPOTrainer``. The reference log-probabilities of every pair are computed once
 (``trainer.reference_pass()``, in the variant's micro-batches, as ``prepare_run`` does), timed as
 ``reference_once_s`` and not part of the step time; step time = ``trainer.train_step(step)`` (batch assembly,
 the micro-batched forward/backward, clipping, the optimizer and scheduler steps, the step's metrics).
@@ -158,8 +159,8 @@ def run_fdpg(steps: int, warmup: int, n_pairs: int, rows: int, activation_checkp
     import datasets
     import torch
 
+    from fdpg.algorithms.dpo import DPOTrainer
     from fdpg.config import TrainConfig
-    from fdpg.dpo import DPOTrainer
     from fdpg.policy import LoraSettings, Policy
     from fdpg.preferences import tokenize_pairs
     from objectives import rl_with_kl

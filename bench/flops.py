@@ -112,7 +112,7 @@ def main() -> None:
     contention = common.Contention()
     # Without native bf16 (avx512_bf16 / AMX) a bf16 matmul takes a scalar path ~50x slower than fp32: a
     # 4096^3 product would take minutes, so the bf16 rates are measured on a 512^3 product there.
-    from fdpg.trainer import cpu_bf16_is_native
+    from fdpg.algorithms.f_dpg import cpu_bf16_is_native
 
     n_bf16 = 4096 if cpu_bf16_is_native() else 512
     ceiling = {

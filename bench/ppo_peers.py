@@ -17,7 +17,7 @@ Three frameworks (``--frameworks``), each in its own subprocess (so each peak RS
 ``--rounds`` rounds (the order rotates every round), each subprocess doing ``--warmup`` untimed and ``--steps``
 timed optimisation steps:
 
-- ``fdpg-ppo``: ``fdpg.ppo.PPOTrainer`` through ``bench/step.py``'s ``FdpgStepper(algo="ppo",
+- ``fdpg-ppo``: ``fdpg.algorithms.ppo.PPOTrainer`` through ``bench/step.py``'s ``FdpgStepper(algo="ppo",
   exact_kl_every=0)``: critic ``policy_head`` (fdpg's default: a value head on the policy's own LoRA backbone),
   ``ppo_epochs=1, ppo_minibatches=1``, batch 16 (one sample per prompt, generation batch 16, micro batch 8),
   48 new tokens by pure sampling, LoRA r 8 alpha 16 on q_proj/v_proj, lr 1e-4 constant, beta 0.1 (k1 KL in the

@@ -30,10 +30,10 @@ def build_trainer(full: bool = False, mixed_precision: str = "no", seed: int = 0
     """The f-DPG (or PPO) trainer on W (or W-full) as a user would build it."""
     import torch
 
+    from fdpg.algorithms.f_dpg import FDPGTrainer
+    from fdpg.algorithms.ppo import PPOTrainer
     from fdpg.config import TrainConfig
     from fdpg.policy import LoraSettings, Policy
-    from fdpg.ppo import PPOTrainer
-    from fdpg.trainer import FDPGTrainer
     from tasks import get_task
 
     config = TrainConfig(

@@ -14,7 +14,7 @@ The two rewards are the *same* function of the text; they differ only in where i
 ``granularity=fine`` puts each sentence's sentiment on the token that ends it, each sub-sentence's repetition
 penalty where the repetition occurs and completeness on the last token; ``granularity=holistic`` puts the total
 on the last token. f-DPG's sequence-level gradient does not see the difference, so f-DPG runs with reverse KL
-and ``--token_credit`` (reward-to-go per token, :mod:`fdpg.trainer`); PPO takes the per-token rewards as its
+and ``--token_credit`` (reward-to-go per token, :mod:`fdpg.algorithms.f_dpg`); PPO takes the per-token rewards as its
 reward vector (GAE with its value head). 2 algorithms x 2 granularities x 3 seeds, 40 steps of 16 completions.
 
 Results (``results/``): ``curves.png`` (on-policy batch means of the reward and its parts against samples seen,

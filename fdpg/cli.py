@@ -109,9 +109,9 @@ def build_trainer(config: TrainConfig):
     """Task, policy and trainer from a config (cheap checks first, the model load last)."""
     import torch
 
+    from fdpg.algorithms.f_dpg import FDPGTrainer
+    from fdpg.algorithms.ppo import PPOTrainer, reward_target
     from fdpg.policy import LoraSettings, Policy
-    from fdpg.ppo import PPOTrainer, reward_target
-    from fdpg.trainer import FDPGTrainer
     from objectives import get_divergence
     from tasks import get_task
 
@@ -149,7 +149,7 @@ def build_trainer(config: TrainConfig):
         return build_dpo_trainer(config, policy, spec, target, fit_details, pair_reward)
     if config.algo == "sft":
         return build_sft_trainer(config, policy, spec, target, demonstrations)
-    from fdpg.raft import RAFTTrainer
+    from fdpg.algorithms.raft import RAFTTrainer
 
     algorithm = {"ppo": PPOTrainer, "raft": RAFTTrainer}.get(config.algo, FDPGTrainer)
     trainer = algorithm(config, policy, target, spec.scorer, spec.prompts, spec.metrics,
@@ -171,7 +171,7 @@ def build_dpo_trainer(config: TrainConfig, policy, spec, target, fit_details, pa
     checked, the step count from ``--epochs``, and the trainer."""
     import datasets
 
-    from fdpg.dpo import PAIRS_DIR, DPOTrainer
+    from fdpg.algorithms.dpo import PAIRS_DIR, DPOTrainer
     from fdpg.preferences import load_preferences, pairs_from_task, tokenize_pairs
 
     made = None
@@ -220,8 +220,8 @@ def steps_for_epochs(config: TrainConfig, n_rows: int, what: str) -> TrainConfig
 def build_sft_trainer(config: TrainConfig, policy, spec, target, data):
     """SFT's demonstrations, tokenised and checked against the context, the step count from ``--epochs``, and the
     trainer."""
+    from fdpg.algorithms.sft import SFTTrainer
     from fdpg.demonstrations import tokenize_demonstrations
-    from fdpg.sft import SFTTrainer
 
     demonstrations = tokenize_demonstrations(data, policy.tokenizer, config.max_length or policy.max_positions,
                                              f"--data {config.data}")
@@ -492,49 +492,49 @@ def cmd_models(argv: Sequence[str]) -> int:
 
 
 def cmd_sweep(argv: Sequence[str]) -> int:
-    from fdpg.sweep import cmd_sweep as sweep
+    from fdpg.commands.sweep import cmd_sweep as sweep
 
     return sweep(argv)
 
 
 def cmd_bon(argv: Sequence[str]) -> int:
-    from fdpg.report_cli import cmd_bon as bon
+    from fdpg.commands.report import cmd_bon as bon
 
     return bon(argv)
 
 
 def cmd_report(argv: Sequence[str]) -> int:
-    from fdpg.report_cli import cmd_report as report
+    from fdpg.commands.report import cmd_report as report
 
     return report(argv)
 
 
 def cmd_reward_model(argv: Sequence[str]) -> int:
-    from fdpg.reward_model_cli import cmd_reward_model as reward_model
+    from fdpg.commands.reward_model import cmd_reward_model as reward_model
 
     return reward_model(argv)
 
 
 def cmd_reward_collapse(argv: Sequence[str]) -> int:
-    from fdpg.reward_model_cli import cmd_reward_collapse as reward_collapse
+    from fdpg.commands.reward_model import cmd_reward_collapse as reward_collapse
 
     return reward_collapse(argv)
 
 
 def cmd_pipeline(argv: Sequence[str]) -> int:
-    from fdpg.pipeline import cmd_pipeline as pipeline
+    from fdpg.commands.pipeline import cmd_pipeline as pipeline
 
     return pipeline(argv)
 
 
 def cmd_filter_samples(argv: Sequence[str]) -> int:
-    from fdpg.filter_samples import cmd_filter_samples as filter_samples
+    from fdpg.commands.filter_samples import cmd_filter_samples as filter_samples
 
     return filter_samples(argv)
 
 
 def cmd_label_rankings(argv: Sequence[str]) -> int:
-    from fdpg.label_rankings import cmd_label_rankings as label_rankings
+    from fdpg.commands.label_rankings import cmd_label_rankings as label_rankings
 
     return label_rankings(argv)
 

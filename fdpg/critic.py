@@ -70,7 +70,7 @@ class ValueModel(nn.Module):
     def from_reward_model(cls, path: str, policy_tokenizer) -> ValueModel:
         """The reward model of the run ``path`` (its backbone and its head's weights); refused when its tokenizer is
         not the policy's or its head is not one linear output."""
-        from fdpg.reward_model import RewardModel
+        from fdpg.algorithms.reward_model import RewardModel
 
         reward_model = RewardModel.load(path)
         if reward_model.tokenizer.get_vocab() != policy_tokenizer.get_vocab():

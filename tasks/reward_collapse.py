@@ -18,7 +18,8 @@ responses are the docstring cut after :math:`L_1 < \dots < L_n` words, the longe
 :math:`[0, 1]`), the same split, batches and seed: ``OUT/fixed`` with one utility for every prompt
 (``--fixed_utility``, default ``log_sigmoid``) and ``OUT/prompt_aware`` with a prompt-aware utility on the ``kind``
 column (``--open_utility neg_power:1``, i.e. :math:`-1/x`, and ``--closed_utility linear``). Each logs the rewards
-of every held-out ranking at each evaluation (``samples.jsonl``, :mod:`fdpg.reward_model`). Running the command
+of every held-out ranking at each evaluation (``samples.jsonl``,
+:mod:`fdpg.algorithms.reward_model`). Running the command
 again continues unfinished runs (``--resume``) and skips finished ones.
 
 **Analysis** (:func:`analyse`), from the runs' ``samples.jsonl``: for each utility, evaluation step and prompt group,
@@ -155,7 +156,7 @@ def build_collapse_rankings(docs: Sequence[tuple[str, str]], n_prompts: int, n: 
 
 # ---------------------------------------------------------------------------------------------- training
 def run_settings(args: argparse.Namespace, data: Path, which: str) -> dict[str, Any]:
-    """The :class:`fdpg.reward_model.RewardModelConfig` settings of one of the two runs."""
+    """The :class:`fdpg.algorithms.reward_model.RewardModelConfig` settings of one of the two runs."""
     settings = dict(data=str(data), model=args.model, bounded=True, steps=args.steps, batch_size=args.batch_size,
                     micro_batch_size=args.micro_batch_size, learning_rate=args.learning_rate, seed=args.seed,
                     heldout_fraction=args.heldout_fraction, eval_every=args.eval_every, log_heldout_rewards=True,
@@ -171,8 +172,8 @@ def run_settings(args: argparse.Namespace, data: Path, which: str) -> dict[str, 
 
 def train_run(settings: dict[str, Any]) -> Path:
     """Train (or resume, or skip when finished) one reward model; its run directory."""
+    from fdpg.algorithms.reward_model import INFO_FILE, RewardModelConfig, RewardModelTrainer
     from fdpg.rankings import load_rankings
-    from fdpg.reward_model import INFO_FILE, RewardModelConfig, RewardModelTrainer
 
     run = Path(settings["output_dir"])
     if (run / "final" / INFO_FILE).is_file():
@@ -348,7 +349,7 @@ def plot_distances(lines: Sequence[dict[str, Any]], path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- the command
 def parser() -> argparse.ArgumentParser:
-    from fdpg.reward_model import DEFAULT_MODEL
+    from fdpg.algorithms.reward_model import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="fdpg reward-collapse", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,6 +1,7 @@
 r"""``reward_model``: a trained reward model as the task's scorer, :math:`P(x\mid c) = a(x\mid c)\exp(R(c, x)/\beta)`.
 
-:math:`R` is a model trained by ``fdpg reward-model train`` (:mod:`fdpg.reward_model`), applied to the prompt and
+:math:`R` is a model trained by ``fdpg reward-model train`` (:mod:`fdpg.algorithms.reward_model`), applied to the
+prompt and
 the completion as a text pair, as it was trained; bounded (in :math:`[0, 1]`) or not, as it was trained.
 
 ``--task_args``:
@@ -36,7 +37,7 @@ class RewardModelTask(Task):
     options = {"path": "", "data": "", "batch_size": 32}
 
     def build(self, beta: float, options: Mapping[str, str], prompts: Sequence[str] | None = None) -> TaskSpec:
-        from fdpg.reward_model import RewardModel
+        from fdpg.algorithms.reward_model import RewardModel
 
         opts = parse_options(self.name, options, self.options)
         if not opts["path"]:

@@ -166,7 +166,7 @@ def messy(tmp_path) -> Path:
 
 @pytest.mark.slow
 def test_bad_inputs_are_skipped_with_their_reasons(messy, tmp_path, capsys) -> None:
-    from fdpg.report_cli import cmd_report
+    from fdpg.commands.report import cmd_report
 
     out = tmp_path / "out"
     assert cmd_report([str(messy), str(tmp_path / "nowhere"), str(messy / "good"), "--out", str(out)]) == 0
@@ -191,7 +191,7 @@ def test_bad_inputs_are_skipped_with_their_reasons(messy, tmp_path, capsys) -> N
 
 
 def test_a_report_of_nothing_still_says_why(tmp_path, capsys) -> None:
-    from fdpg.report_cli import cmd_report
+    from fdpg.commands.report import cmd_report
 
     (tmp_path / "empty").mkdir()
     assert cmd_report([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2

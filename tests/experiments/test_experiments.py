@@ -11,7 +11,7 @@ import pytest
 
 from experiments import fine_grained, frontier
 from fdpg.cli import parse_train_args
-from fdpg.sweep import grid_cells, parse_grid
+from fdpg.commands.sweep import grid_cells, parse_grid
 from tasks import get_task
 
 EXPERIMENTS = {"frontier": frontier, "fine_grained": fine_grained}

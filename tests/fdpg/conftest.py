@@ -22,7 +22,7 @@ from fdpg_testing import build_trainer  # noqa: E402
 def make_trainer(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., Any]:
     """``make_trainer(target=None, scorer=toy_scorer, prompts=PROMPTS, model_dir=None, **config)``.
 
-    An :class:`~fdpg.trainer.FDPGTrainer` on a freshly loaded tiny Llama (see ``fdpg_testing``);
+    An :class:`~fdpg.algorithms.f_dpg.FDPGTrainer` on a freshly loaded tiny Llama (see ``fdpg_testing``);
     ``output_dir`` defaults to ``tmp_path / 'run'``.
     """
 

@@ -182,9 +182,9 @@ def enumerable_trainer(model_dir, tmp_path, target=None, prompts=("",), beta: fl
     ``scorer``, and a task's ``fine_grained`` reward)."""
     from fdpg_testing import nonzero_lora_policy
 
+    from fdpg.algorithms.f_dpg import FDPGTrainer
+    from fdpg.algorithms.ppo import PPOTrainer
     from fdpg.config import TrainConfig
-    from fdpg.ppo import PPOTrainer
-    from fdpg.trainer import FDPGTrainer
     from objectives import rl_with_kl
 
     settings: dict[str, Any] = dict(

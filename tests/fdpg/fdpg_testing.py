@@ -51,10 +51,10 @@ def build_trainer(model_dir: Path | str, output_dir: Path | str, target=None, sc
     """An FDPGTrainer (a PPOTrainer with ``algo="ppo"``, a RAFTTrainer with ``algo="raft"``) on a freshly loaded
     model; ``target`` defaults to
     ``rl_with_kl('reward', beta)``."""
+    from fdpg.algorithms.f_dpg import FDPGTrainer
+    from fdpg.algorithms.ppo import PPOTrainer
+    from fdpg.algorithms.raft import RAFTTrainer
     from fdpg.policy import LoraSettings, Policy
-    from fdpg.ppo import PPOTrainer
-    from fdpg.raft import RAFTTrainer
-    from fdpg.trainer import FDPGTrainer
     from objectives import rl_with_kl
 
     config = train_config(model_dir, output_dir, **overrides)

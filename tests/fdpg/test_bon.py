@@ -204,7 +204,7 @@ def test_the_run_directories_are_read_by_analysis_as_best_of_n(bon_dirs) -> None
 
 
 def test_fdpg_bon_command(tiny_model_dir, tmp_path, capsys) -> None:
-    from fdpg.report_cli import cmd_bon
+    from fdpg.commands.report import cmd_bon
 
     out = tmp_path / "bon"
     common = ["--task", "lexical", "--output_dir", str(out), "--prompts", "6", "--max_new_tokens", "6",

@@ -17,11 +17,11 @@ import pytest
 import torch
 from fdpg_testing import build_trainer, toy_scorer, trainable_state, vowel_fraction
 
+from fdpg.algorithms.f_dpg import feature_means
 from fdpg.cli import main
 from fdpg.evaluation import draw_samples, evaluate_policy, load_run_policy, sequence_log_probs
 from fdpg.metrics import distinct_n
 from fdpg.policy import Policy
-from fdpg.trainer import feature_means
 from objectives import rl_with_kl
 from tasks import TaskSpec
 

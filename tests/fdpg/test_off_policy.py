@@ -76,12 +76,12 @@ def test_temperature_makes_a_proposal_corrected_by_importance_weights(make_train
 def test_importance_weights_are_pi_over_q_clipped_at_the_setting(make_trainer, monkeypatch: pytest.MonkeyPatch,
                                                                   clip: float | None) -> None:
     """Temperature 2 samples from a flatter q: the loss gets w = min(pi/q, clip) per sample (pi/q without clip)."""
-    import fdpg.trainer
+    import fdpg.algorithms.f_dpg
 
     trainer = make_trainer(temperature=2.0, importance_weight_clip=clip, batch_size=16, generation_batch_size=16,
                            micro_batch_size=4)
     batches, weights_seen = [], []
-    sample, surrogate_loss = trainer.sample, fdpg.trainer.surrogate_loss
+    sample, surrogate_loss = trainer.sample, fdpg.algorithms.f_dpg.surrogate_loss
 
     def recording_sample(step: int):
         batches.append(sample(step))
@@ -92,7 +92,7 @@ def test_importance_weights_are_pi_over_q_clipped_at_the_setting(make_trainer, m
         return surrogate_loss(log_pi, rewards, baseline, weights, **kwargs)
 
     monkeypatch.setattr(trainer, "sample", recording_sample)
-    monkeypatch.setattr(fdpg.trainer, "surrogate_loss", recording_loss)
+    monkeypatch.setattr(fdpg.algorithms.f_dpg, "surrogate_loss", recording_loss)
     trainer.train_step(0)
     assert len(weights_seen) == 4  # one call per micro-batch
     applied = torch.cat(weights_seen).double()

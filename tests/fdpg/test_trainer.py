@@ -12,8 +12,8 @@ import torch
 from fdpg_testing import REQUIRED_METRICS, read_jsonl, toy_scorer, trainable_state
 from safetensors.torch import load_file
 
+import fdpg.algorithms.f_dpg as trainer_module
 import fdpg.engine as engine_module
-import fdpg.trainer as trainer_module
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.models import load_causal_lm
 from fdpg.sampling import sample_completions

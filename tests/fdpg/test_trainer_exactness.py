@@ -1,7 +1,7 @@
 r"""The gradient the f-DPG trainer applies is the exact :math:`\nabla_\theta D_f(\pi_\theta\|p)`.
 
 On the enumerable Hugging Face model (6 tokens, completions of at most 3 tokens: every one can be listed,
-``enumerable_lm.py``), the real :class:`fdpg.trainer.FDPGTrainer` runs many steps at the same parameters (the
+``enumerable_lm.py``), the real :class:`fdpg.algorithms.f_dpg.FDPGTrainer` runs many steps at the same parameters (the
 optimizer's step is replaced by a recorder, so nothing moves) with fresh samples each step: sampling, scoring,
 the reference pass, the running ``log Z``, pseudo-rewards, the default ``prompt_loo`` baseline, importance weights,
 the micro-batched surrogate loss and its backward. The mean of the recorded gradients must equal the exact
@@ -33,8 +33,8 @@ from enumerable_lm import (
 )
 from statistics_testing import P_VALUE_FLOOR, projected_hotelling
 
-import fdpg.trainer as trainer_module
-from fdpg.trainer import FDPGTrainer
+import fdpg.algorithms.f_dpg as trainer_module
+from fdpg.algorithms.f_dpg import FDPGTrainer
 from objectives import ForwardKL, binary_constraint, get_divergence, rl_with_kl
 from objectives import surrogate_loss as true_surrogate_loss
 

@@ -36,8 +36,8 @@ def small_config(model_dir: Path | str, output_dir: Path | str, **overrides: Any
 @pytest.fixture
 def smoke_run(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., list[dict[str, Any]]]:
     """``smoke_run(spec, **config) -> metrics``: FDPGTrainer on the tiny Llama toward ``spec`` for 2 steps."""
+    from fdpg.algorithms.f_dpg import FDPGTrainer
     from fdpg.policy import Policy
-    from fdpg.trainer import FDPGTrainer
 
     def run(spec, **overrides: Any) -> list[dict[str, Any]]:
         config = small_config(tiny_model_dir, tmp_path / "run", **overrides)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fdpg.commands.reward_model import cmd_reward_collapse
 from fdpg.rankings import rankings_from_rows, split_by_prompt
-from fdpg.reward_model_cli import cmd_reward_collapse
 from tasks.reward_collapse import (
     build_collapse_rankings,
     distances,

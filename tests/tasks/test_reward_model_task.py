@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fdpg.algorithms.reward_model import RewardModel, RewardModelConfig, RewardModelTrainer
 from fdpg.rankings import rankings_from_rows
-from fdpg.reward_model import RewardModel, RewardModelConfig, RewardModelTrainer
 from tasks import get_task
 
 PROMPTS = ["tell me", "say it", "go on", "and then"]

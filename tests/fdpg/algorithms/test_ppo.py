@@ -2,7 +2,8 @@ r"""PPO on the shared engine: a special case of f-DPG on the exact enumerable mo
 
 1. With one epoch of one minibatch (ratio 1), no critic, :math:`\gamma = \lambda = 1`, the k1 KL in the reward and
    the constant normaliser (sum over tokens, mean over sequences), the mean of the gradients the real
-   :class:`fdpg.ppo.PPOTrainer` applies is :math:`\beta\,\nabla KL(\pi\|p)` for :math:`p\propto a\,e^{r/\beta}`,
+   :class:`fdpg.algorithms.ppo.PPOTrainer` applies is
+   :math:`\beta\,\nabla KL(\pi\|p)` for :math:`p\propto a\,e^{r/\beta}`,
    the f-DPG reverse-KL gradient scaled by :math:`\beta` (Hotelling's test against enumeration). Seeded bugs and
    a documented departure (advantage whitening) are rejected by the same test.
 2. A short PPO run on the tiny model raises the reward of a simple scorer.
@@ -33,7 +34,7 @@ from fdpg_testing import (
 )
 from statistics_testing import P_VALUE_FLOOR, projected_hotelling
 
-import fdpg.ppo as ppo_module
+import fdpg.algorithms.ppo as ppo_module
 from fdpg.config import TrainConfig
 from objectives import binary_constraint, exponential_family, get_divergence, rl_with_kl
 
@@ -260,9 +261,9 @@ def test_the_critic_initialised_from_a_reward_model_reads_its_logit_of_each_pref
     r"""``--critic reward_model:RUN`` (InstructGPT's value initialisation): before any update
     :math:`V(s_t)` is the reward model's logit of the prefix :math:`(c, y_{<t})`, read from its own
     sequence-classification forward on the same token ids; PPO then trains with it."""
+    from fdpg.algorithms.reward_model import RewardModel
+    from fdpg.commands.reward_model import cmd_reward_model
     from fdpg.critic import ValueModel
-    from fdpg.reward_model import RewardModel
-    from fdpg.reward_model_cli import cmd_reward_model
     from fdpg.sampling import SampleBatch
 
     rows = [{"prompt": p, "responses": [p + " good", p + " bad", p + " so so"]} for p in

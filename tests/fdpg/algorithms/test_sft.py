@@ -35,7 +35,7 @@ def hf_causal_lm_loss(model, demonstrations, index, pad_id: int) -> torch.Tensor
 
 
 def sft_trainer(model_dir, tmp_path, **overrides):
-    from fdpg.sft import SFTTrainer
+    from fdpg.algorithms.sft import SFTTrainer
 
     settings = dict(algo="sft", data="unused", model=str(model_dir), task="toy", steps=2, batch_size=4,
                     micro_batch_size=3, max_new_tokens=6, learning_rate=1e-3, lora_r=4, heldout_fraction=0.2,

@@ -1,6 +1,7 @@
 r"""DPO on the shared engine: its gradient, its run directory, resume, and bad input.
 
-1. The gradient the real :class:`fdpg.dpo.DPOTrainer` applies equals autograd of the mean f-DPO loss computed here
+1. The gradient the real :class:`fdpg.algorithms.dpo.DPOTrainer` applies equals
+   autograd of the mean f-DPO loss computed here
    independently (each pair's full sequence through the model alone, no padding, the reference at the initial
    weights), for DPO and f-DPO (JS), several micro-batches.
 2. A short run on the tiny model learns its pairs (training accuracy and margins rise), logs f-DPG's shared metric
@@ -54,7 +55,7 @@ def dpo_config(model_dir, output_dir, **overrides) -> TrainConfig:
 def dpo_trainer(model_dir, output_dir, rows=None, **overrides):
     import datasets
 
-    from fdpg.dpo import DPOTrainer
+    from fdpg.algorithms.dpo import DPOTrainer
     from fdpg.policy import LoraSettings, Policy
 
     config = dpo_config(model_dir, output_dir, **overrides)

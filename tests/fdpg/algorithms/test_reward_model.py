@@ -1,4 +1,5 @@
-r"""Reward-model training (:mod:`fdpg.reward_model`, :mod:`fdpg.rankings`) on a tiny random BERT-like encoder.
+r"""Reward-model training (:mod:`fdpg.algorithms.reward_model`, :mod:`fdpg.rankings`)
+on a tiny random BERT-like encoder.
 
 1. A short run on synthetic rankings (the better response holds more ``z``) raises the held-out pairwise accuracy
    well above its untrained value and chance, logs the documented metrics, and leaves a loadable ``final/``.
@@ -24,9 +25,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fdpg.algorithms.reward_model import RewardModel, RewardModelConfig, RewardModelTrainer
+from fdpg.commands.reward_model import cmd_reward_model
 from fdpg.rankings import RankingDataError, load_rankings, rankings_from_rows
-from fdpg.reward_model import RewardModel, RewardModelConfig, RewardModelTrainer
-from fdpg.reward_model_cli import cmd_reward_model
 
 LETTERS = "abcdefgh"
 

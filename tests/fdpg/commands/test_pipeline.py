@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fdpg.pipeline import PipelineConfigError, load_pipeline, run_pipeline, stage_argv, stage_status
+from fdpg.commands.pipeline import PipelineConfigError, load_pipeline, run_pipeline, stage_argv, stage_status
 
 
 def write(path, spec) -> str:

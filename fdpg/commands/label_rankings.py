@@ -40,7 +40,7 @@ def rankings_from_scores(prompts: Sequence[str], texts: Sequence[str], scores: S
 
 
 def cmd_label_rankings(argv: Sequence[str]) -> int:
-    from fdpg.scored_samples import add_sampling_arguments, draw_scored_samples
+    from fdpg.commands.scored_samples import add_sampling_arguments, draw_scored_samples
 
     parser = argparse.ArgumentParser(prog="fdpg label-rankings", description=__doc__.split("\n\n")[0])
     add_sampling_arguments(parser)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fdpg_testing import read_jsonl
 
-from fdpg.sweep import (
+from fdpg.commands.sweep import (
     Sweep,
     cell_name,
     check_grid,

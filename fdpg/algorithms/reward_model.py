@@ -266,7 +266,7 @@ def resolve_backbone(name: str) -> str:
     from fdpg.models import resolve_model_path
 
     if str(name).strip().lower() in MINILM_ALIASES:
-        from tasks.reward_classifier import encoder_dir
+        from fdpg.models import encoder_dir
 
         return str(encoder_dir())
     return resolve_model_path(name)

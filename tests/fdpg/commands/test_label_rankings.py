@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fdpg.label_rankings import rankings_from_scores
+from fdpg.commands.label_rankings import rankings_from_scores
 
 
 def test_rankings_are_strict_best_first_and_drop_prompts_without_two_scores() -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 
 def cmd_filter_samples(argv: Sequence[str]) -> int:
-    from fdpg.scored_samples import add_sampling_arguments, draw_scored_samples
+    from fdpg.commands.scored_samples import add_sampling_arguments, draw_scored_samples
     from objectives.likelihood import keep_above_quantile
 
     parser = argparse.ArgumentParser(prog="fdpg filter-samples", description=__doc__.split("\n\n")[0])

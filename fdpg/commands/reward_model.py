@@ -1,4 +1,5 @@
-"""``fdpg reward-model train|eval`` and ``fdpg reward-collapse``: the command-line side of :mod:`fdpg.reward_model`.
+"""``fdpg reward-model train|eval`` and ``fdpg reward-collapse``: the command-line side of
+:mod:`fdpg.algorithms.reward_model`.
 
 ::
 
@@ -8,7 +9,7 @@
     fdpg reward-collapse [--output_dir DIR --steps N ...]   the reward-collapse experiment (tasks.reward_collapse)
 
 ``fdpg reward-model train --help`` lists every setting (the fields of
-:class:`fdpg.reward_model.RewardModelConfig`; dashes or underscores both work).
+:class:`fdpg.algorithms.reward_model.RewardModelConfig`; dashes or underscores both work).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def parse_reward_model_args(argv: Sequence[str]):
     ``--resume RUN --steps N`` is enough) over the defaults."""
     from transformers import HfArgumentParser
 
-    from fdpg.reward_model import RewardModelConfig
+    from fdpg.algorithms.reward_model import RewardModelConfig
     from fdpg.run_log import RunLog
 
     pre = argparse.ArgumentParser(add_help=False)
@@ -51,8 +52,8 @@ def parse_reward_model_args(argv: Sequence[str]):
 
 def reward_model_train(argv: Sequence[str]) -> int:
     """``fdpg reward-model train``: data and settings checked, then the model loaded and trained."""
+    from fdpg.algorithms.reward_model import RewardModelTrainer, training_summary
     from fdpg.rankings import load_rankings
-    from fdpg.reward_model import RewardModelTrainer, training_summary
 
     config = parse_reward_model_args(argv)
     if not config.data:
@@ -70,8 +71,8 @@ def reward_model_train(argv: Sequence[str]) -> int:
 
 def reward_model_eval(argv: Sequence[str]) -> int:
     """``fdpg reward-model eval``: pairwise accuracy and the reward distribution of a trained reward model."""
+    from fdpg.algorithms.reward_model import RewardModel, evaluate_reward_model, format_evaluation
     from fdpg.rankings import load_rankings, split_by_prompt
-    from fdpg.reward_model import RewardModel, evaluate_reward_model, format_evaluation
     from fdpg.run_log import dumps
 
     parser = argparse.ArgumentParser(prog="fdpg reward-model eval", description=reward_model_eval.__doc__)
