@@ -107,6 +107,11 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (None: off)."})
     mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (through accelerate)."})
+    bf16_sampling: str = field(default="copy", metadata={
+        "help": "Under --mixed_precision bf16, what samples: copy (a bf16 copy of the policy, LoRA merged, weights "
+                "prepacked, kept in step with it; on a CPU with native bf16, else autocast) or autocast (the "
+                "policy under the training pass's autocast). Estimates and gradients read pi from the training "
+                "forward either way (fdpg.sampling_copy)."})
     seed: int = field(default=0, metadata={"help": "Seed of prompts, sampling and initialisation."})
 
     # --- PPO (--algo ppo; Schulman et al. 2017, as in Ziegler et al. 2019 and InstructGPT)
@@ -242,6 +247,8 @@ class TrainConfig:
             raise ValueError(f"--log_z must be 'running' or 'window', got {self.log_z!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.bf16_sampling not in ("copy", "autocast"):
+            raise ValueError(f"--bf16_sampling must be copy or autocast, got {self.bf16_sampling!r}")
         from objectives.estimators import BASELINES
 
         if self.baseline not in BASELINES:

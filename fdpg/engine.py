@@ -53,6 +53,7 @@ from fdpg.onednn_linears import onednn_linears
 from fdpg.policy import Policy
 from fdpg.run_log import RunLog
 from fdpg.sampling import SampleBatch, sample_completions
+from fdpg.sampling_copy import SamplingCopy
 from fdpg.scores import checked_features
 from objectives import Divergence, KLRegularisedReward, LogZEstimator, Target
 from objectives.partition import GLOBAL_KEY
@@ -504,6 +505,8 @@ class OnlineTrainer(TrainingLoop):
         self.proposal: dict[str, torch.Tensor] | None = None
         #: Whether sampling keeps the last layer's hidden states (``SampleBatch.final_hidden``; PPO's value head).
         self.record_hidden = False
+        #: The bf16 copy of the policy sampled from (``--bf16_sampling copy``), made on the first step that needs it.
+        self.sampling_copy: SamplingCopy | None = None
         self.init_loop()
         self._last_samples: dict[str, Any] | None = None
         self._tokens_this_step = 0
@@ -611,6 +614,22 @@ class OnlineTrainer(TrainingLoop):
         return (torch.cat([p.kl for p in parts]).cpu(), torch.cat([p.entropy for p in parts]).cpu(),
                 token_log_a.double())
 
+    @contextlib.contextmanager
+    def _sampler(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The model to sample from, inside the block: under ``--mixed_precision bf16`` with ``--bf16_sampling copy``
+        (where it applies) the bf16 copy of the policy kept in step with it (:mod:`fdpg.sampling_copy`), else the
+        policy itself, under the training pass's autocast, its linear layers cast (bf16) or packed (CPU fp32) once
+        for all chunks."""
+        dtype = MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision)
+        if self.sampling_copy is None and dtype is not None and self.config.bf16_sampling == "copy" \
+                and SamplingCopy.applies(model, dtype):
+            self.sampling_copy = SamplingCopy(dtype, prepack_rows=self.chunk)
+        if self.sampling_copy is not None:
+            yield self.sampling_copy.refreshed(model)
+            return
+        with self.accelerator.autocast(), onednn_linears(model, prepack_rows=self.chunk):
+            yield model
+
     def sample(self, step: int) -> SampleBatch:
         """This process's share of the step's samples, drawn chunk by chunk with per-chunk seeds."""
         cfg = self.config
@@ -618,13 +637,10 @@ class OnlineTrainer(TrainingLoop):
         start = self.accelerator.process_index * self.local_batch
         model = self._unwrapped()
         chunks = []
-        # Under --mixed_precision the samples come from the same (autocast) pi as the training pass.
-        # The oneDNN packing (CPU fp32) is done once for all chunks; no_grad lets it apply.
-        with self._sampling_weights(), torch.no_grad(), self.accelerator.autocast(), \
-                onednn_linears(model, prepack_rows=self.chunk):
+        with self._sampling_weights(), torch.no_grad(), self._sampler(model) as sampler:
             for lo in range(start, start + self.local_batch, self.chunk):
                 chunks.append(sample_completions(
-                    model, self.policy.tokenizer, prompts[lo:lo + self.chunk], cfg.max_new_tokens,
+                    sampler, self.policy.tokenizer, prompts[lo:lo + self.chunk], cfg.max_new_tokens,
                     seed=seed_for(cfg.seed, step, 2, lo), temperature=cfg.temperature, top_p=cfg.top_p,
                     record_hidden=self.record_hidden))
         return SampleBatch.concat(chunks, self.policy.tokenizer.pad_token_id)

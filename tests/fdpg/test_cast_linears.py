@@ -99,17 +99,17 @@ def test_onednn_linears_under_autocast_casts_once_instead(tiny_model_dir: Path) 
 
 
 def test_bf16_samples_record_the_log_q_of_the_bf16_training_forward(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """--mixed_precision bf16: the log q recorded while sampling (weights cast once, KV-cached decode) is the
-    training forward's log pi (autocast, gradients on) over the same tokens, to bf16's summation-order rounding,
-    and much closer to it than the fp32 policy is."""
+    """--mixed_precision bf16 --bf16_sampling autocast: the log q recorded while sampling (weights cast once,
+    KV-cached decode) is the training forward's log pi (autocast, gradients on) over the same tokens, to bf16's
+    summation-order rounding, and much closer to it than the fp32 policy is."""
     import warnings
 
     from fdpg_testing import build_trainer
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bf16 on a CPU without native bf16
-        trainer = build_trainer(tiny_model_dir, tmp_path, mixed_precision="bf16", lora_r=4, batch_size=16,
-                                generation_batch_size=8, max_new_tokens=12)
+        trainer = build_trainer(tiny_model_dir, tmp_path, mixed_precision="bf16", bf16_sampling="autocast", lora_r=4,
+                                batch_size=16, generation_batch_size=8, max_new_tokens=12)
     batch = trainer.sample(0)
     mask = batch.completion_mask
     with trainer.accelerator.autocast():

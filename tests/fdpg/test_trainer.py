@@ -187,9 +187,10 @@ def test_lora_target_modules_that_do_not_exist_name_the_real_layers(make_trainer
 
 @pytest.mark.slow
 def test_bf16_mixed_precision_samples_from_the_policy_it_trains(make_trainer) -> None:
-    """Under --mixed_precision bf16 generation runs under the same autocast as the scoring and training passes,
-    so the recorded log pi is that of the bf16 policy (not of the fp32 one) and a step trains."""
-    trainer = make_trainer(mixed_precision="bf16", lora_r=4, max_new_tokens=16)
+    """Under --mixed_precision bf16 --bf16_sampling autocast generation runs under the same autocast as the scoring
+    and training passes, so the recorded log pi is that of the bf16 policy (not of the fp32 one) and a step
+    trains."""
+    trainer = make_trainer(mixed_precision="bf16", bf16_sampling="autocast", lora_r=4, max_new_tokens=16)
     batch = trainer.sample(0)
     model, mask = trainer._unwrapped(), batch.completion_mask.bool()
     with torch.inference_mode():
