@@ -37,6 +37,7 @@ its time in ``copy_`` (the casts) before (torch profiler).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -58,11 +59,36 @@ def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return autocast_dtype_on(device_type)
 
 
+#: The low-precision copies of frozen weights, by ``id`` of the weight: (a weak reference to it, the key it had
+#: when cast, the copy). See :func:`frozen_cast`.
+_FROZEN_CASTS: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+
+
+def frozen_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` cast to ``dtype``; for a weight that does not train (``requires_grad`` off: LoRA's base layers, a
+    frozen LM head, a full fine-tune's reference copy) the copy is made once and kept for as long as the weight
+    lives and is unchanged (its storage and its version counter), so the reference pass and the training pass of
+    every step multiply by one copy instead of casting all the frozen weights twice a step (0.17 s for
+    SmolLM2-135M's 134M on one core). A weight that trains is cast now, every time."""
+    if weight.requires_grad or weight.dtype == dtype:
+        return weight.detach().to(dtype).contiguous()
+    key = (weight.data_ptr(), weight._version, weight.device, dtype)
+    entry = _FROZEN_CASTS.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1] == key:
+        return entry[2]
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor: the training pass reuses the copy
+        cast = weight.detach().to(dtype).contiguous()
+    ident = id(weight)
+    _FROZEN_CASTS[ident] = (weakref.ref(weight, lambda _: _FROZEN_CASTS.pop(ident, None)), key, cast)
+    return cast
+
+
 def _cast_forward(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                   prepack_rows: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> F.linear(x, W, c)`` in ``dtype``, with ``W`` and ``c`` cast now, once (and, with ``prepack_rows``,
-    ``W`` reordered for oneDNN products of that many rows)."""
-    weight = weight.detach().to(dtype).contiguous()
+    """``x -> F.linear(x, W, c)`` in ``dtype``, with ``W`` and ``c`` cast now, once (a frozen ``W``: once for its
+    lifetime, :func:`frozen_cast`), and, with ``prepack_rows``, ``W`` reordered for oneDNN products of that many
+    rows."""
+    weight = frozen_cast(weight, dtype)
     bias = bias.detach().to(dtype) if bias is not None else None
     if prepack_rows is None:
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +104,7 @@ def _cast_forward(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
         return y.view(*x.shape[:-1], out_features)
 
     packed_forward.prepacked = True  # type: ignore[attr-defined]  (for tests and benches to see the path taken)
+    packed_forward.weights = (weight, bias)  # type: ignore[attr-defined]  (what it packed, for tests)
     return packed_forward
 
 
@@ -148,13 +175,16 @@ def frozen_product_weights(module: torch.nn.Linear) -> tuple[torch.Tensor, torch
     calling the layer (the LM head fused with the log-softmax, :class:`fdpg.log_probs.LinearTokenLogProb`): under
     autocast the copy a block of this module made (cast once, not prepacked), else a copy cast now, once for the
     whole call (autocast would cast them again at each product); without autocast the layer's own."""
+    packed = getattr(vars(module).get("forward"), "weights", None)
+    if packed is not None:  # a layer multiplying by a prepacked low-precision copy (fdpg.sampling_copy): its weights
+        return packed
     low = autocast_dtype_on(module.weight.device.type)
     if low is None or low == torch.float32:
         return module.weight, module.bias
     cast = getattr(vars(module).get("forward"), "cast", None)
     if cast is not None and cast[0].dtype == low:
         return cast
-    return module.weight.to(low), None if module.bias is None else module.bias.to(low)
+    return frozen_cast(module.weight, low), None if module.bias is None else module.bias.to(low)
 
 
 @contextmanager

@@ -95,13 +95,16 @@ class SamplingCopy:
         return bf16_prepacking_available(device, dtype) and mergeable(model)
 
     def _build(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model's structure in ``dtype``, LoRA merged; its linear layers' weights left empty (they multiply by
+        the prepacked copies :meth:`refreshed` makes)."""
         from peft import PeftModel
 
         with torch.no_grad():
-            if isinstance(model, PeftModel):
-                built = copy.deepcopy(model).merge_and_unload()  # plain linear layers at the base model's names
-            else:
-                built = copy.deepcopy(model)
+            built = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else copy.deepcopy(model)
+            for module in built.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight = torch.nn.Parameter(torch.empty(0, device=module.weight.device),
+                                                       requires_grad=False)
             built = built.to(self.dtype).eval()
         for p in built.parameters():
             p.requires_grad_(False)
@@ -120,36 +123,29 @@ class SamplingCopy:
         refreshed = 0
         with torch.no_grad():
             for name, layer in adapted.items():
-                sources = [p for p in layer.parameters()]
-                if self._seen.get(name) != _key(sources):
-                    targets[name].weight.copy_(merged_weight(layer))
-                    self._seen[name] = _key(sources)
-                    self._pack(targets[name])
+                key = _key(layer.parameters())
+                if self._seen.get(name) != key:
+                    base = layer.get_base_layer()
+                    self._pack(targets[name], merged_weight(layer).to(self.dtype), base.bias)
+                    self._seen[name] = key
                     refreshed += 1
             for name, module in live.named_modules():
                 if name in adapted or name.startswith(inside):
                     continue
+                linear = isinstance(module, torch.nn.Linear)
                 for pname, source in module.named_parameters(recurse=False):
                     tag = f"{name}.{pname}"
-                    if self._seen.get(tag) != _key([source]):
-                        target = targets[name]
-                        getattr(target, pname).copy_(source.detach())
-                        self._seen[tag] = _key([source])
-                        refreshed += 1
-                        if isinstance(target, torch.nn.Linear):
-                            self._pack(target)
-                        for tied in self._tied_linears(target, pname):
-                            self._pack(tied)
+                    if self._seen.get(tag) == _key([source]):
+                        continue
+                    if linear:  # packed from the frozen weight's one bf16 copy (fdpg.cast_linears.frozen_cast)
+                        self._pack(targets[name], module.weight, module.bias)
+                    else:
+                        getattr(targets[name], pname).copy_(source.detach())
+                    self._seen[tag] = _key([source])
+                    refreshed += 1
         self.last_refreshed = refreshed
         return self.model
 
-    def _tied_linears(self, target: torch.nn.Module, pname: str) -> list[torch.nn.Module]:
-        """The copy's other linear layers whose weight is ``target.pname`` (a tied LM head)."""
-        weight = getattr(target, pname)
-        return [m for m in self.model.modules()
-                if m is not target and isinstance(m, torch.nn.Linear) and m.weight is weight]
-
-    def _pack(self, linear: torch.nn.Module) -> None:
-        """The layer's product by its (bf16) weight reordered for oneDNN, made now."""
-        if type(linear) is torch.nn.Linear:
-            linear.forward = _cast_forward(linear.weight, linear.bias, self.dtype, self.prepack_rows)
+    def _pack(self, linear: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """The copy's layer multiplies by ``weight`` (and ``bias``) in bf16, reordered for oneDNN now."""
+        linear.forward = _cast_forward(weight, bias, self.dtype, self.prepack_rows)

@@ -174,3 +174,20 @@ def test_frozen_weights_are_cast_on_entry_and_trainable_ones_are_left_to_autocas
     assert not torch.allclose(without_adapter, before)
     with cast_frozen_linears(model, None) as none, cast_frozen_linears(model, torch.float32) as fp32:
         assert none == fp32 == 0
+
+
+def test_a_frozen_weight_is_cast_once_for_as_long_as_it_is_unchanged() -> None:
+    from fdpg.cast_linears import frozen_cast
+
+    frozen = torch.randn(4, 3)
+    with torch.inference_mode():  # made in the reference pass, reused by the training pass below
+        first = frozen_cast(frozen, torch.bfloat16)
+    assert frozen_cast(frozen, torch.bfloat16) is first and torch.equal(first, frozen.to(torch.bfloat16))
+    x = torch.randn(2, 3, requires_grad=True)
+    (x.to(torch.bfloat16) @ first.t()).sum().backward()  # a plain tensor, usable under autograd
+    with torch.no_grad():
+        frozen.mul_(2)  # changed in place: cast again
+    again = frozen_cast(frozen, torch.bfloat16)
+    assert again is not first and torch.equal(again, frozen.to(torch.bfloat16))
+    trained = torch.randn(4, 3, requires_grad=True)
+    assert frozen_cast(trained, torch.bfloat16) is not frozen_cast(trained, torch.bfloat16)

@@ -10,7 +10,7 @@ import torch
 
 from fdpg.cast_linears import bf16_prepacking_available
 from fdpg.log_probs import completion_token_log_probs
-from fdpg.sampling_copy import lora_layers, merged_weight
+from fdpg.sampling_copy import lora_layers
 
 needs_packing = pytest.mark.skipif(not bf16_prepacking_available(torch.device("cpu"), torch.bfloat16),
                                    reason="the copy is used where oneDNN prepacks bf16 (a CPU with native bf16)")
@@ -42,14 +42,20 @@ def test_the_copy_holds_the_merged_lora_weights_and_refreshes_only_what_changed(
         a = layer.active_adapters[0]  # W' = bf16(W + s B A), written out here
         update = layer.scaling[a] * layer.lora_B[a].weight @ layer.lora_A[a].weight
         expected = (layer.get_base_layer().weight + update).detach().to(torch.bfloat16)
-        assert torch.equal(targets[name].weight, expected), name
-        assert torch.equal(merged_weight(layer).to(torch.bfloat16), expected)
+        packed = targets[name].forward
+        assert packed.prepacked and torch.equal(packed.weights[0], expected), name
+        x = torch.randn(3, expected.shape[1])
+        out = packed(x.to(torch.bfloat16)).float()
+        assert torch.allclose(out, (x.to(torch.bfloat16) @ expected.t()).float(), atol=1e-2, rtol=1e-2), name
     frozen = [(n, p) for n, p in model.get_base_model().named_parameters() if not p.requires_grad
               and "lora_" not in n and "base_layer" not in n]
     copied = dict(sampler.named_parameters())
     for name, p in frozen:
-        assert torch.equal(copied[name], p.detach().to(torch.bfloat16)), name
+        owner = targets[name.rsplit(".", 1)[0]]
+        held = owner.forward.weights[0] if isinstance(owner, torch.nn.Linear) else copied[name]
+        assert torch.equal(held, p.detach().to(torch.bfloat16)), name
     assert all(p.dtype == torch.bfloat16 for p in sampler.parameters())
+    assert all(m.weight.numel() == 0 for m in sampler.modules() if isinstance(m, torch.nn.Linear))  # no 2nd copy
 
 
 @needs_packing
