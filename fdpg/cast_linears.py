@@ -22,8 +22,11 @@ product with fp32 accumulation, rounded to bf16, as ``F.linear``'s oneDNN matmul
 SmolLM2-135M's 211 products of a 16-row decode step (2-core Xeon with avx512_bf16, no AMX; weights from memory):
 ``F.linear`` on the bf16 copies 63.8 ms, the prepacked copies 50.9 ms, fp32 prepacked 57.2 ms (``bench/linears.py``).
 
-The copies live only inside the block (the weights must not change inside it) and take half the memory of the
-fp32 weights; the fp32 master weights and the optimizer are untouched.
+A frozen weight (``requires_grad`` off: LoRA's base layers, a frozen LM head, a reference copy) is cast once for
+its lifetime (:func:`frozen_cast`: the copy is kept while the weight's storage and version counter are unchanged),
+so every block and every step multiply by one bf16 copy: half the fp32 weights' memory, kept for the run. A
+weight that trains is cast on entry to each block, and its copy lives only inside it (the weights must not change
+inside the block); the fp32 master weights and the optimizer are untouched.
 
 The training forward keeps autocast, but its frozen weights (a LoRA model's base layers, a frozen LM head) need
 no gradient, so autocast casts them again at every micro-batch's forward for nothing: inside

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fdpg.cast_linears import _cast_forward, bf16_prepacking_available
+from fdpg.cast_linears import _cast_forward, bf16_prepacking_available, frozen_cast
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -139,6 +139,9 @@ class SamplingCopy:
                         continue
                     if linear:  # packed from the frozen weight's one bf16 copy (fdpg.cast_linears.frozen_cast)
                         self._pack(targets[name], module.weight, module.bias)
+                    elif not source.requires_grad:  # a frozen embedding, a norm: that very copy, shared
+                        targets[name]._parameters[pname] = torch.nn.Parameter(frozen_cast(source, self.dtype),
+                                                                              requires_grad=False)
                     else:
                         getattr(targets[name], pname).copy_(source.detach())
                     self._seen[tag] = _key([source])
