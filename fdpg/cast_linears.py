@@ -178,13 +178,14 @@ def frozen_product_weights(module: torch.nn.Linear) -> tuple[torch.Tensor, torch
     calling the layer (the LM head fused with the log-softmax, :class:`fdpg.log_probs.LinearTokenLogProb`): under
     autocast the copy a block of this module made (cast once, not prepacked), else a copy cast now, once for the
     whole call (autocast would cast them again at each product); without autocast the layer's own."""
-    packed = getattr(vars(module).get("forward"), "weights", None)
+    forward = vars(module).get("forward")  # a block's replacement of the layer's forward, if any
+    packed = getattr(forward, "weights", None)
     if packed is not None:  # a layer multiplying by a prepacked low-precision copy (fdpg.sampling_copy): its weights
         return packed
     low = autocast_dtype_on(module.weight.device.type)
     if low is None or low == torch.float32:
         return module.weight, module.bias
-    cast = getattr(vars(module).get("forward"), "cast", None)
+    cast = getattr(forward, "cast", None)
     if cast is not None and cast[0].dtype == low:
         return cast
     return frozen_cast(module.weight, low), None if module.bias is None else module.bias.to(low)

