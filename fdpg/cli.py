@@ -111,6 +111,7 @@ def build_trainer(config: TrainConfig):
 
     from fdpg.algorithms.f_dpg import FDPGTrainer
     from fdpg.algorithms.ppo import PPOTrainer, reward_target
+    from fdpg.generation import attach_generator
     from fdpg.policy import LoraSettings, Policy
     from objectives import get_divergence
     from tasks import get_task
@@ -143,6 +144,7 @@ def build_trainer(config: TrainConfig):
     lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules) \
         if config.lora_r > 0 else None
     policy = Policy.from_pretrained(config.model, lora=lora, trust_remote_code=config.trust_remote_code)
+    attach_generator(policy, config)  # every sampling path of the run (fit, rollouts, evaluations) goes through it
     target, fit_details = fit_target(spec, policy, config.max_new_tokens, config.fit_samples, config.seed,
                                      resume=config.resume)
     if config.algo == "dpo":

@@ -47,12 +47,13 @@ from transformers import get_scheduler
 from fdpg.cast_linears import cast_frozen_linears
 from fdpg.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fdpg.config import TrainConfig, incompatible_settings
+from fdpg.generation import attach_generator
 from fdpg.log_probs import completion_token_log_probs, exact_token_kl
 from fdpg.metrics import batch_metrics
 from fdpg.onednn_linears import onednn_linears
 from fdpg.policy import Policy
 from fdpg.run_log import RunLog
-from fdpg.sampling import SampleBatch, sample_completions
+from fdpg.sampling import SampleBatch
 from fdpg.sampling_copy import SamplingCopy
 from fdpg.scores import checked_features
 from objectives import Divergence, KLRegularisedReward, LogZEstimator, Target
@@ -244,7 +245,14 @@ class TrainingLoop:
     def begin_step(self) -> float:
         """Start timing a step's phases (:meth:`timed`); returns the step's start time."""
         self._timings = {}
+        self._proposal_gaps: list[torch.Tensor] = []
         return time.perf_counter()
+
+    def note_proposal_gap(self, log_q: torch.Tensor, log_pi: torch.Tensor) -> None:
+        r"""Record :math:`\log q - \log\pi` of some of this step's sequences: the sampler's log-prob against the
+        training forward's (logged as ``proposal/log_q_minus_log_pi_mean`` and ``..._max_abs``, so that a drift of a
+        sampler that is not the policy itself, vLLM or the bf16 copy, shows)."""
+        self._proposal_gaps.append(log_q.detach().double().cpu() - log_pi.detach().double().cpu())
 
 
     @contextlib.contextmanager
@@ -507,6 +515,8 @@ class OnlineTrainer(TrainingLoop):
         self.record_hidden = False
         #: The bf16 copy of the policy sampled from (``--bf16_sampling copy``), made on the first step that needs it.
         self.sampling_copy: SamplingCopy | None = None
+        #: What draws the samples (:mod:`fdpg.generation`): the policy's generator, the torch loop by default.
+        self.generator = attach_generator(policy, config)
         self.init_loop()
         self._last_samples: dict[str, Any] | None = None
         self._tokens_this_step = 0
@@ -583,8 +593,14 @@ class OnlineTrainer(TrainingLoop):
     def rollout(self, step: int) -> tuple[SampleBatch, dict[str, torch.Tensor], torch.Tensor]:
         r"""The phases every online algorithm starts with: this process's completions (``generate``), the task's
         features (``score``) and the per-token :math:`\log a` of the reference (``reference``), timed."""
+        if not self.generator.exact_policy:  # an engine of its own (vLLM): the policy's weights into it first
+            with self.timed("weight_sync"), self._sampling_weights():
+                self.generator.sync(self._unwrapped())
         with self.timed("generate"):
             batch = self.sample(step)
+        if not self.generator.exact_policy and self.config.proposal_differs:
+            with self.timed("policy_pass"):  # the sampler's log-probs are of q: log pi from the policy itself
+                batch.token_log_pi = self.token_log_probs(batch, reference=False).float()
         with self.timed("score"):
             features = self.score(batch)
         every = self.config.exact_kl_every
@@ -620,6 +636,9 @@ class OnlineTrainer(TrainingLoop):
         (where it applies) the bf16 copy of the policy kept in step with it (:mod:`fdpg.sampling_copy`), else the
         policy itself, under the training pass's autocast, its linear layers cast (bf16) or packed (CPU fp32) once
         for all chunks."""
+        if not self.generator.exact_policy:  # vLLM samples from its own copy of the weights
+            yield model
+            return
         dtype = MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision)
         if self.sampling_copy is None and dtype is not None and self.config.bf16_sampling == "copy" \
                 and SamplingCopy.applies(model, dtype):
@@ -639,10 +658,10 @@ class OnlineTrainer(TrainingLoop):
         chunks = []
         with self._sampling_weights(), torch.no_grad(), self._sampler(model) as sampler:
             for lo in range(start, start + self.local_batch, self.chunk):
-                chunks.append(sample_completions(
+                chunks.append(self.generator.generate(
                     sampler, self.policy.tokenizer, prompts[lo:lo + self.chunk], cfg.max_new_tokens,
                     seed=seed_for(cfg.seed, step, 2, lo), temperature=cfg.temperature, top_p=cfg.top_p,
-                    record_hidden=self.record_hidden))
+                    min_new_tokens=cfg.min_new_tokens, record_hidden=self.record_hidden))
         return SampleBatch.concat(chunks, self.policy.tokenizer.pad_token_id)
 
     @torch.inference_mode()
@@ -760,6 +779,11 @@ class OnlineTrainer(TrainingLoop):
     def finish_metrics(self, metrics: dict[str, Any], started: float) -> dict[str, Any]:
         """Add the phase timings, the step's time and the throughput (completion tokens per second)."""
         total = time.perf_counter() - started
+        gaps = getattr(self, "_proposal_gaps", [])
+        if gaps:
+            gap = self.gather(torch.cat(gaps))
+            metrics.update({"proposal/log_q_minus_log_pi_mean": float(gap.mean()),
+                            "proposal/log_q_minus_log_pi_max_abs": float(gap.abs().max())})
         metrics.update({"tokens_per_s": self._tokens_this_step / total, "time/step": total, **self._timings})
         return metrics
 

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fdpg.generation import generator_of
 from fdpg.log_probs import completion_token_log_probs, exact_token_kl
 from fdpg.metrics import distinct_n
 from fdpg.onednn_linears import onednn_linears
-from fdpg.sampling import SampleBatch, sample_completions
+from fdpg.sampling import SampleBatch
 from fdpg.scores import checked_features
 
 BaseSampler = Callable[[int], tuple[list[str], list[str]]]
@@ -49,11 +50,12 @@ def sample_for_prompts(policy, prompts: Sequence[str], max_new_tokens: int, seed
     ``chunk`` completions per seeded ``generate`` call."""
     from tqdm.auto import tqdm
 
+    generator = generator_of(policy)
     batches = []
     with policy.reference() if reference else nullcontext(policy.model) as model, torch.no_grad(), \
-            onednn_linears(model, prepack_rows=chunk):  # packed once for all chunks (CPU fp32)
+            onednn_linears(model, prepack_rows=chunk) if generator.exact_policy else nullcontext():
         for lo in tqdm(range(0, len(prompts), chunk), desc="sampling", disable=not progress, leave=False):
-            batches.append(sample_completions(model, policy.tokenizer, prompts[lo:lo + chunk], max_new_tokens,
+            batches.append(generator.generate(model, policy.tokenizer, prompts[lo:lo + chunk], max_new_tokens,
                                               seed=seed * 100_003 + lo))
     return SampleBatch.concat(batches, policy.tokenizer.pad_token_id)
 
@@ -124,7 +126,9 @@ def evaluate_policy(policy, spec, n: int, max_new_tokens: int, seed: int = 0, di
         else:
             parts.append(exact_token_kl(policy.model, policy.reference, part))
     exact_kl, exact_entropy, log_a = (torch.cat([getattr(p, k) for p in parts]) for k in ("kl", "entropy", "log_a"))
-    log_pi = log_a if of_reference else batch.log_pi.double()  # pi = a: KL(a||a) is exactly 0
+    # pi = a: KL(a||a) is exactly 0. log pi from the same forward pass as log a, not the sampler's record (another
+    # engine's, vLLM's, is a proposal's: fdpg.generation).
+    log_pi = log_a if of_reference else torch.cat([p.log_pi for p in parts]).double()
     log_P = spec.target.log_P(log_a, features)
     keys = list(batch.prompts) if spec.target.conditional else [GLOBAL_KEY] * n
 

@@ -165,17 +165,21 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) ->
     return sorted(ids)
 
 
-def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and mask; an empty prompt becomes the BOS (or EOS) token alone."""
+def prompt_token_rows(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt's token ids (special tokens added); an empty prompt becomes the BOS (or EOS) token alone."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     rows = []
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
-        if not ids:
-            ids = [start]
-        rows.append(ids)
+        rows.append(list(ids) if ids else [start])
+    return rows
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask of :func:`prompt_token_rows`."""
+    rows = prompt_token_rows(tokenizer, prompts)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
@@ -248,7 +252,11 @@ class DrawAndRecord(LogitsProcessor):
     it, and returns 0 for that token and -inf elsewhere, so that greedy decoding takes exactly that token.
     """
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0):
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, min_new_tokens: int = 0,
+                 eos_ids: Sequence[int] = ()):
+        if min_new_tokens and not eos_ids:
+            raise ValueError("min_new_tokens needs the end-of-sequence token ids to bar")
+        self.min_new_tokens, self.eos_ids = min_new_tokens, list(eos_ids)
         warpers = []
         if temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
@@ -260,10 +268,14 @@ class DrawAndRecord(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = scores.float()
-        warped = self.warpers(input_ids, logits.clone()) if self.warpers else logits
+        barred = len(self.log_pi) < self.min_new_tokens  # end-of-sequence is not drawn before min_new_tokens
+        processed = bool(self.warpers) or barred
+        warped = self.warpers(input_ids, logits.clone()) if self.warpers else logits.clone() if barred else logits
+        if barred:
+            warped[:, self.eos_ids] = -math.inf
         tokens = draw_by_inverse_cdf(torch.softmax(warped, -1))[:, None]
         self.log_pi.append(_chosen_log_prob(logits, tokens))
-        self.log_q.append(_chosen_log_prob(warped, tokens) if self.warpers else self.log_pi[-1])
+        self.log_q.append(_chosen_log_prob(warped, tokens) if processed else self.log_pi[-1])
         return torch.full_like(scores, -math.inf).scatter_(-1, tokens, 0.0)
 
     def recorded(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,6 +301,7 @@ def sample_completions(
     temperature: float = 1.0,
     top_p: float = 1.0,
     record_hidden: bool = False,
+    min_new_tokens: int = 0,
 ) -> SampleBatch:
     """Sample one completion per prompt with a seeded ``generate`` call; see the module docstring.
 
@@ -302,7 +315,7 @@ def sample_completions(
     config = pure_sampling_config(max_new_tokens, tokenizer.pad_token_id, eos)
     if record_hidden:
         config.output_hidden_states = config.return_dict_in_generate = True
-    draw = DrawAndRecord(temperature, top_p)
+    draw = DrawAndRecord(temperature, top_p, min_new_tokens, eos)
     devices = [device] if device.type == "cuda" else []
     fast_linears = onednn_linears(model, prepack_rows=len(prompts))
     with torch.random.fork_rng(devices=devices), torch.inference_mode(), fast_linears:
@@ -314,7 +327,7 @@ def sample_completions(
     completion_ids = sequences[:, prompt_ids.shape[1]:].clone()
     mask = completion_mask_from_eos(completion_ids, eos)
     token_log_pi, token_log_q = (x.clone() * mask for x in draw.recorded(completion_ids.shape[1]))
-    if temperature == 1.0 and top_p == 1.0:
+    if temperature == 1.0 and top_p == 1.0 and not min_new_tokens:
         token_log_q = token_log_pi
     texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask),
                                    skip_special_tokens=True)

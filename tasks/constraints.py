@@ -232,8 +232,10 @@ def base_sampler(
     seeded shuffled order), so that per-prompt normalisers are estimated from similar sample counts.
     Sampling is pure (temperature 1, no top-k/top-p): the samples really come from :math:`a`.
     """
+    from contextlib import nullcontext
+
+    from fdpg.generation import generator_of
     from fdpg.onednn_linears import onednn_linears
-    from fdpg.sampling import sample_completions
 
     pool = list(prompts) if prompts else [""]
 
@@ -242,10 +244,12 @@ def base_sampler(
         order = [pool[i] for i in rng.permutation(len(pool))]
         drawn = [order[i % len(order)] for i in range(n)]
         texts: list[str] = []
-        with policy.reference() as model, torch.no_grad(), onednn_linears(model, prepack_rows=batch_size):
+        generator = generator_of(policy)
+        with policy.reference() as model, torch.no_grad(), \
+                onednn_linears(model, prepack_rows=batch_size) if generator.exact_policy else nullcontext():
             for lo in range(0, n, batch_size):
                 chunk = drawn[lo:lo + batch_size]
-                batch = sample_completions(model, policy.tokenizer, chunk, max_new_tokens,
+                batch = generator.generate(model, policy.tokenizer, chunk, max_new_tokens,
                                            seed=int(np.random.SeedSequence([seed, lo, 7]).generate_state(1)[0]))
                 texts.extend(batch.texts)
         return texts, drawn

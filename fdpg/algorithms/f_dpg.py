@@ -59,7 +59,8 @@ class FDPGTrainer(OnlineTrainer):
             self.proposal = {k: v.detach().clone() for k, v in self._policy_trainable().items()}
         #: Under mixed precision the backward takes the pseudo-rewards and pi/q from the training forward's own
         #: log pi, not the sampling pass's (:meth:`rewards_and_weights`).
-        self.rewards_from_forward = config.mixed_precision != "no"
+        #: So too where another engine samples (vLLM: :mod:`fdpg.vllm_generation`).
+        self.rewards_from_forward = config.mixed_precision != "no" or not self.generator.exact_policy
 
     def rewards_and_weights(self, log_pi: torch.Tensor, log_p: torch.Tensor,
                             log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +164,7 @@ class FDPGTrainer(OnlineTrainer):
                     else:
                         log_pi = completion_token_log_probs(self.model, part).sum(-1)
                         if self.rewards_from_forward:
+                            self.note_proposal_gap(log_q_local[lo:hi], log_pi)
                             r, w = self.rewards_and_weights(log_pi.detach().double().cpu(), log_p[lo:hi],
                                                             log_q_local[lo:hi])
                         else:

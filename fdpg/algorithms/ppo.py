@@ -248,6 +248,7 @@ class PPOTrainer(OnlineTrainer):
         size = n // cfg.ppo_minibatches
         stats: dict[str, list[float]] = defaultdict(list)
         for epoch in range(cfg.ppo_epochs):
+            self._first_epoch = epoch == 0  # its forward passes give the sampler's gap (note_proposal_gap)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(cfg.seed, step, 3, epoch)))
             for m in range(cfg.ppo_minibatches):
                 index = order[m * size:(m + 1) * size]
@@ -306,6 +307,9 @@ class PPOTrainer(OnlineTrainer):
         mask = part.completion_mask
         token_log_pi, values, hidden = self._forward(part, need_hidden=cfg.entropy_coef > 0)
         token_log_pi = token_log_pi.double()
+        if getattr(self, "_first_epoch", False) and not self.generator.exact_policy:
+            gap_mask = part.completion_mask.to(token_log_pi.device)
+            self.note_proposal_gap((old_log_pi * gap_mask).sum(-1), (token_log_pi * gap_mask).sum(-1))
 
         def reduce(per_token: torch.Tensor) -> torch.Tensor:
             return aggregate(per_token, mask, cfg.loss_aggregation, n_sequences, n_tokens)
