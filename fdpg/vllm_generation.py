@@ -131,6 +131,36 @@ def source_tensors(model: torch.nn.Module) -> dict[str, tuple[tuple, callable]]:
     return out
 
 
+#: The process's one engine: vLLM keeps its distributed groups in globals, so a second engine in a process breaks the
+#: first. ``{"owner": generator, "llm": LLM}``; a generator whose engine was replaced starts (and syncs) again.
+_ENGINE: dict = {}
+
+
+def _release_engine() -> None:
+    """Shut the process's engine down (its memory and vLLM's global groups), if there is one."""
+    import gc
+
+    llm = _ENGINE.pop("llm", None)
+    owner = _ENGINE.pop("owner", None)
+    if owner is not None:
+        owner.llm = None
+    if llm is None:
+        return
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001  (best effort: an engine that failed half-way has less to shut)
+        pass
+    del llm
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except Exception:  # noqa: BLE001
+        pass
+    gc.collect()
+
+
 class VLLMGenerator:
     """The vLLM backend of :class:`fdpg.generation.Generator` (see the module docstring)."""
 
@@ -175,8 +205,10 @@ class VLLMGenerator:
         else:
             kwargs["gpu_memory_utilization"] = 0.3 if s.gpu_memory_utilization is None else s.gpu_memory_utilization
         threads = torch.get_num_threads()
+        _release_engine()
         try:
             self.llm = LLM(**kwargs)
+            _ENGINE.update(owner=self, llm=self.llm)
         except Exception as exc:  # vLLM raises many types; say which model and setting, keep the cause
             raise ValueError(f"--generation vllm: vLLM could not start on model {directory!r}: {exc}. Check "
                              "--vllm_kv_cache_gb / --vllm_gpu_memory_utilization and --max_new_tokens, or use "
@@ -205,8 +237,9 @@ class VLLMGenerator:
         """Load into the engine every weight of ``model`` whose sources changed since the last sync; return how many
         tensors were loaded (timed in :attr:`last_sync_s`)."""
         started = time.perf_counter()
-        if self.llm is None:
+        if self.llm is None or _ENGINE.get("llm") is not self.llm:  # not started, or replaced by another's
             self._start(model)
+            self._synced_model = None
         if self._synced_model is None or self._synced_model() is not model:
             self._seen = {}  # another model object: its tensors' addresses say nothing about what the engine holds
             self._synced_model = weakref.ref(model)

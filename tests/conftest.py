@@ -206,6 +206,20 @@ def enumerable_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save_tiny_model(model, tokenizer, tmp_path_factory.mktemp("enumerable_llama"))
 
 
+@pytest.fixture(scope="session")
+def enumerable_vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The enumerable model's shape with 32-wide attention heads (hidden size 64, 2 heads): the narrowest that vLLM's
+    CPU attention kernels take (``fdpg.vllm_generation.CPU_HEAD_SIZES``), so that vLLM can sample it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer(ENUMERABLE_CHARACTERS)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         tie_word_embeddings=False, initializer_range=0.2, **_token_ids(tokenizer))
+    torch.manual_seed(TINY_SEED)
+    return _save_tiny_model(LlamaForCausalLM(config), tokenizer, tmp_path_factory.mktemp("enumerable_vllm_llama"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """One intra-op thread: the tiny models gain nothing from more, and on a busy 2-core machine OpenMP

@@ -31,3 +31,17 @@ def make_trainer(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., Any]:
         return build_trainer(model_dir or tiny_model_dir, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm():
+    """One vLLM engine for the tests on the enumerable vLLM model (each policy object is synced in full on first
+    use); skipped where vLLM is not installed, unless ``FDPG_REQUIRE_VLLM=1`` (then its absence fails)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("vllm") is None and os.environ.get("FDPG_REQUIRE_VLLM") != "1":
+        pytest.skip("vLLM is not installed: `make test-vllm` runs these in its environment")
+    from fdpg_testing import vllm_test_generator
+
+    return vllm_test_generator()

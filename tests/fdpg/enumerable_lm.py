@@ -176,7 +176,7 @@ def ab_scorer(completions: list[str], prompts: list[str]) -> dict[str, list[floa
 
 
 def enumerable_trainer(model_dir, tmp_path, target=None, prompts=("",), beta: float = 0.5, batch: int = 64,
-                       scorer=None, fine_grained=None, **overrides: Any):
+                       scorer=None, fine_grained=None, generator=None, **overrides: Any):
     """A trainer (``algo`` chooses f-DPG or PPO) on the enumerable model with a random LoRA adapter (pi != a),
     completions of at most 3 tokens, two micro-batches, no gradient clipping, the :func:`ab_scorer` reward (or
     ``scorer``, and a task's ``fine_grained`` reward)."""
@@ -195,6 +195,8 @@ def enumerable_trainer(model_dir, tmp_path, target=None, prompts=("",), beta: fl
     settings.update(overrides)
     config = TrainConfig(**settings)
     policy = nonzero_lora_policy(model_dir)
+    if generator is not None:  # a shared engine (vLLM's, started once for the tests)
+        policy.generator = generator
     target = rl_with_kl("reward", beta) if target is None else target
     algorithm = PPOTrainer if config.algo == "ppo" else FDPGTrainer
     return algorithm(config, policy, target, scorer or ab_scorer, list(prompts), fine_grained=fine_grained)

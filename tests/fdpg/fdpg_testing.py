@@ -121,3 +121,12 @@ def nonzero_lora_policy(directory: Path, dropout: float = 0.0):
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     return policy
+
+
+def vllm_test_generator():
+    """A vLLM generator for the tests: eager (a 3 s start, no compilation), a 0.25 GiB KV cache."""
+    from fdpg.config import TrainConfig
+    from fdpg.generation import build_generator
+
+    config = TrainConfig(generation="vllm", vllm_enforce_eager=True, vllm_kv_cache_gb=0.25)
+    return build_generator("vllm", config.vllm_settings())
