@@ -364,6 +364,9 @@ def cmd_eval(argv: Sequence[str]) -> int:
     parser.add_argument("--out", "--output", dest="output", default=None,
                         help="write the full JSON result here (default for a run directory: RUN/eval-TASK.json)")
     parser.add_argument("--json", action="store_true", help="print the full JSON result instead of the table")
+    parser.add_argument("--generation", choices=("torch", "vllm"), default="torch",
+                        help="what samples: fdpg's torch loop or a vLLM engine (`make setup-vllm`)")
+    parser.add_argument("--vllm_kv_cache_gb", "--vllm-kv-cache-gb", type=float, default=None)
     args = parser.parse_args(list(argv))
     if args.n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {args.n}")
@@ -372,6 +375,11 @@ def cmd_eval(argv: Sequence[str]) -> int:
     spec = get_task(args.task).build(args.beta, options, prompts)
     is_run = (Path(args.model) / "config.json").is_file() and (Path(args.model) / "metrics.jsonl").exists()
     policy = load_run_policy(args.model) if is_run else Policy.from_pretrained(args.model)
+    if args.generation != "torch":
+        from fdpg.config import TrainConfig
+        from fdpg.generation import attach_generator
+
+        attach_generator(policy, TrainConfig(generation=args.generation, vllm_kv_cache_gb=args.vllm_kv_cache_gb))
     metrics = evaluate_policy(policy, spec, args.n, args.max_new_tokens, args.seed)
     result = {"task": args.task, "model": args.model, **metrics}
     text = dumps(result)
