@@ -376,7 +376,6 @@ def cmd_eval(argv: Sequence[str]) -> int:
     is_run = (Path(args.model) / "config.json").is_file() and (Path(args.model) / "metrics.jsonl").exists()
     policy = load_run_policy(args.model) if is_run else Policy.from_pretrained(args.model)
     if args.generation != "torch":
-        from fdpg.config import TrainConfig
         from fdpg.generation import attach_generator
 
         attach_generator(policy, TrainConfig(generation=args.generation, vllm_kv_cache_gb=args.vllm_kv_cache_gb))
