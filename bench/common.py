@@ -157,7 +157,7 @@ def summarise(times: Sequence[float], tokens: Sequence[int], completions: int = 
             "tokens_per_s": round(tok / s, 1), "steps_timed": len(times)}
 
 
-NOT_PHASES = {"time", "tokens", "reward", "others"}
+NOT_PHASES = {"time", "tokens", "reward", "others", "proposal"}
 
 
 QUIET = 0.2  # other processes' cores above which a timed step counts as taken under load

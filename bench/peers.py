@@ -48,7 +48,8 @@ def vader_reward(completions, **kwargs) -> list[float]:
     return [float(x) for x in vader_compound(list(completions))]
 
 
-def run_trl(kind: str, steps: int, warmup: int, gradient_checkpointing: bool, full: bool, bf16: bool) -> dict:
+def run_trl(kind: str, steps: int, warmup: int, gradient_checkpointing: bool, full: bool, bf16: bool,
+            use_vllm: bool = False) -> dict:
     import time
 
     import torch
@@ -97,6 +98,9 @@ def run_trl(kind: str, steps: int, warmup: int, gradient_checkpointing: bool, fu
         gradient_checkpointing=gradient_checkpointing, max_steps=warmup + steps, logging_steps=1,
         save_strategy="no", report_to=[], disable_tqdm=True, seed=0, dataloader_num_workers=0,
     )
+    if use_vllm:  # TRL's own vLLM option, colocated in the training process (its mode without a server)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        kw.update(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3)
     args = Config(**kw)
     timer = Timer()
     trainer = Trainer(model=model, reward_funcs=vader_reward, args=args,
@@ -108,21 +112,24 @@ def run_trl(kind: str, steps: int, warmup: int, gradient_checkpointing: bool, fu
     return {"times": times, "tokens": [round(x * BATCH) for x in lengths], "others": timer.others[warmup:]}
 
 
-def run_fdpg(steps: int, warmup: int, full: bool, mixed_precision: str) -> dict:
+def run_fdpg(steps: int, warmup: int, full: bool, mixed_precision: str, generation: str = "torch") -> dict:
     from step import FdpgStepper
 
-    stepper = FdpgStepper(full, mixed_precision)
+    stepper = FdpgStepper(full, mixed_precision, generation=generation)
     recs = common.timed_loop(stepper, warmup, steps)
     return {"times": [r["time"] for r in recs], "tokens": [r["tokens"] for r in recs],
-            "others": [r["others"] for r in recs]}
+            "others": [r["others"] for r in recs], "phases": [{k: v for k, v in r.items()
+                                                               if k not in common.NOT_PHASES} for r in recs],
+            "proposal": [r["proposal"] for r in recs if "proposal" in r]}
 
 
 def worker(args) -> None:
-    if args.worker == "fdpg":
-        res = run_fdpg(args.steps, args.warmup, args.full, args.mixed_precision)
+    kind, _, variant = args.worker.partition("-")
+    if kind == "fdpg":
+        res = run_fdpg(args.steps, args.warmup, args.full, args.mixed_precision, variant or "torch")
     else:
-        kind, _, variant = args.worker.partition("-")
-        res = run_trl(kind, args.steps, args.warmup, variant != "nogc", args.full, args.mixed_precision == "bf16")
+        res = run_trl(kind, args.steps, args.warmup, variant != "nogc", args.full, args.mixed_precision == "bf16",
+                      use_vllm=variant == "vllm")
     res["peak_rss_mb"] = round(common.peak_rss_mb(), 1)
     common.emit(res)
 
@@ -132,7 +139,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--frameworks", default="fdpg,rloo,rloo-nogc,grpo,grpo-nogc")
+    ap.add_argument("--frameworks", default="fdpg,rloo,rloo-nogc,grpo,grpo-nogc",
+                    help="also fdpg-vllm (fdpg --generation vllm) and rloo-vllm (TRL's use_vllm, colocated)")
+    ap.add_argument("--vllm_python", default=sys.executable,
+                    help="the interpreter of the *-vllm workers (vLLM's environment: .venv-vllm/bin/python)")
     ap.add_argument("--full", action="store_true", help="W-full (TRL then keeps a separate reference model)")
     ap.add_argument("--mixed_precision", default="no", choices=["no", "bf16"])
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -142,7 +152,7 @@ def main() -> None:
         worker(args)
         return
     names = [n.strip() for n in args.frameworks.split(",") if n.strip()]
-    if any(n != "fdpg" for n in names) and importlib.util.find_spec("trl") is None:
+    if any(not n.startswith("fdpg") for n in names) and importlib.util.find_spec("trl") is None:
         raise SystemExit("TRL is not installed: `.venv/bin/pip install -e '.[bench]'` (or --frameworks fdpg)")
     if not args.no_wait and not getattr(args, "worker", None):
         common.wait_quiet()
@@ -152,31 +162,50 @@ def main() -> None:
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
+            python = args.vllm_python if name.endswith("-vllm") else sys.executable
+            cmd = [python, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--mixed_precision", args.mixed_precision]
             cmd += ["--full"] if args.full else []
             common.log(f"[peers] round {r}: {name}")
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if proc.returncode != 0:
+                if name == "rloo-vllm":  # recorded, not fatal: whether TRL's vLLM path runs here is a result too
+                    results[name]["failed"] = f"exit code {proc.returncode} (its traceback is on stderr)"
+                    continue
                 raise SystemExit(f"{name} worker failed with exit code {proc.returncode}")
             res = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[name].setdefault("phases", []).extend(res.get("phases", []))
+            results[name].setdefault("proposal", []).extend(res.get("proposal", []))
             results[name]["times"] += res["times"]
             results[name]["tokens"] += res["tokens"]
             results[name]["others"] += res["others"]
             results[name]["peak_rss_mb"] = max(results[name]["peak_rss_mb"], res["peak_rss_mb"])
     out: dict = {"bench": "peers", "workload": "W-full" if args.full else "W", "mixed_precision": args.mixed_precision}
     for name, res in results.items():
+        if not res["times"]:
+            out[name] = {"failed": res.get("failed", "no timed step")}
+            continue
         quiet = [k for k, o in enumerate(res["others"]) if o < common.QUIET]
         calm = quiet or list(range(len(res["times"])))  # medians over the quiet steps (all when none was)
         out[name] = {"steps_quiet": f"{len(quiet)}/{len(res['times'])}",
                      **common.summarise([res["times"][k] for k in calm], [res["tokens"][k] for k in calm]),
                      "peak_rss_mb": res["peak_rss_mb"]}
-    if "fdpg" in out:
-        for peer in ("rloo", "rloo-nogc", "grpo", "grpo-nogc"):
-            if peer in out:
-                out[f"completions_per_s_fdpg_over_{peer}"] = round(
-                    out["fdpg"]["completions_per_s"] / out[peer]["completions_per_s"], 3)
-                out[f"peak_rss_fdpg_over_{peer}"] = round(out["fdpg"]["peak_rss_mb"] / out[peer]["peak_rss_mb"], 3)
+        if res.get("phases"):
+            out[name]["phases_s"] = common.phase_medians([res["phases"][k] for k in calm if k < len(res["phases"])])
+        if res.get("proposal"):
+            out[name]["proposal_gap"] = res["proposal"]
+    ok = {n for n, r in out.items() if isinstance(r, dict) and "completions_per_s" in r}
+    for ours in ("fdpg", "fdpg-vllm"):
+        for peer in ("rloo", "rloo-nogc", "rloo-vllm", "grpo", "grpo-nogc"):
+            if ours in ok and peer in ok:
+                out[f"completions_per_s_{ours}_over_{peer}"] = round(
+                    out[ours]["completions_per_s"] / out[peer]["completions_per_s"], 3)
+                out[f"peak_rss_{ours}_over_{peer}"] = round(out[ours]["peak_rss_mb"] / out[peer]["peak_rss_mb"], 3)
+    if {"fdpg", "fdpg-vllm"} <= ok:
+        torch_gen = out["fdpg"]["phases_s"].get("generate", float("nan"))
+        vllm_gen = out["fdpg-vllm"]["phases_s"].get("generate", 0.0) + out["fdpg-vllm"]["phases_s"].get(
+            "weight_sync", 0.0)
+        out["generation_with_sync_vllm_over_torch"] = round(vllm_gen / torch_gen, 3)
     try:
         import trl
 

@@ -102,4 +102,17 @@ def experiment_parser(description: str, default_out: str) -> argparse.ArgumentPa
     parser.add_argument("--smoke", metavar="MODEL", default=None,
                         help="a 1-step version of every stage on MODEL (a tiny local model): the test suite's check")
     parser.add_argument("--dry_run", action="store_true", help="print the stages' commands, run nothing")
+    parser.add_argument("--plugins", type=_load_plugins, default=None,
+                        help="your modules or .py files (comma-separated), imported here and by every stage (they "
+                             "reach the stages through FDPG_PLUGINS; see fdpg.plugins)")
     return parser
+
+
+def _load_plugins(text: str) -> list[str]:
+    """``--plugins``: import them now (a plugin that fails stops the script before any stage starts)."""
+    from fdpg.plugins import PluginError, load_plugins
+
+    try:
+        return load_plugins(text)
+    except PluginError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc

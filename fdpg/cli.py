@@ -44,6 +44,9 @@ def parse_train_args(argv: Sequence[str]) -> TrainConfig:
 
     from transformers import HfArgumentParser
 
+    from fdpg.plugins import load_plugins, pop_plugins_flag
+
+    specs, argv = pop_plugins_flag(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--resume", default=None)
@@ -55,7 +58,9 @@ def parse_train_args(argv: Sequence[str]) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = saved_run_settings(known.resume, names) if known.resume else {}
     from_file = load_config_file(known.config) if known.config else {}
-    parser.set_defaults(**{**saved, **from_file})
+    # the run's own plugins, the file's and the flag's, before anything reads a divergence or a task name
+    plugins = load_plugins([saved.get("plugins", ""), from_file.get("plugins", ""), *specs])
+    parser.set_defaults(**{**saved, **from_file, "plugins": ",".join(plugins)})
     (config,) = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)[:1]
     explicit = set(saved) | set(from_file) | {flag.lstrip("-").split("=")[0].replace("-", "_") for flag in rest
                                               if flag.startswith("--")} & names
@@ -286,7 +291,13 @@ def recorded_fit(run_dir: str) -> dict | None:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    config = parse_train_args(argv)
+    summary, _ = run_training(parse_train_args(argv))
+    return 0 if summary["status"] == "finished" else 130
+
+
+def run_training(config: TrainConfig) -> tuple[dict, Path | None]:
+    """Build and train (``fdpg train`` and :func:`fdpg.train`): the run's summary and its directory, with the final
+    evaluation and the progress of the training batches printed as the command prints them."""
     trainer = build_trainer(config)
     summary = trainer.train()
     if trainer.is_main and trainer.run_dir is not None:
@@ -296,7 +307,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         if evaluation.is_file():
             print(final_evaluation_report(evaluation))
         print(progress_report(trainer.run_dir / "metrics.jsonl"))
-    return 0 if summary["status"] == "finished" else 130
+    return summary, trainer.run_dir
 
 
 def final_evaluation_report(path: Path) -> str:
@@ -370,10 +381,14 @@ def cmd_eval(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     if args.n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {args.n}")
+    is_run = (Path(args.model) / "config.json").is_file() and (Path(args.model) / "metrics.jsonl").exists()
+    if is_run:
+        from fdpg.plugins import load_recorded
+
+        load_recorded([args.model])  # a task of the run's own plugins
     options = TrainConfig(task_args=args.task_args).task_options()
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else None
     spec = get_task(args.task).build(args.beta, options, prompts)
-    is_run = (Path(args.model) / "config.json").is_file() and (Path(args.model) / "metrics.jsonl").exists()
     policy = load_run_policy(args.model) if is_run else Policy.from_pretrained(args.model)
     if args.generation != "torch":
         from fdpg.generation import attach_generator
@@ -431,6 +446,9 @@ def cmd_analyze(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     import pandas as pd
 
+    from fdpg.plugins import load_recorded
+
+    load_recorded(args.runs)
     scan = analysis.scan_runs(args.runs)
     for line in scan.messages():
         print(f"[fdpg analyze] {line}", file=sys.stderr)
@@ -563,7 +581,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        from fdpg.plugins import load_plugins, pop_plugins_flag
+
+        if argv[0] == "train":
+            load_plugins()  # FDPG_PLUGINS and entry points; train reads --plugins itself (and records them)
+            rest = argv[1:]
+        else:
+            specs, rest = pop_plugins_flag(argv[1:])
+            load_plugins(specs)
+            if argv[0] == "sweep" and specs:  # every cell's command names them (--print_commands, array jobs)
+                from fdpg.plugins import canonical
+
+                rest += ["--plugins", ",".join(canonical(s) for s in specs)]
+        return COMMANDS[argv[0]](rest)
     except (ValueError, FileNotFoundError, KeyError, ImportError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"fdpg {argv[0]}: error: {message}", file=sys.stderr)

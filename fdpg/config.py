@@ -21,7 +21,7 @@ CRITICS = ("policy_head", "value_model", "none")
 #: Fields that may differ between a run and its resumption (everything else must match).
 RESUMABLE_CHANGES = frozenset({"steps", "resume", "output_dir", "report_to", "save_every", "log_samples_every",
                                "progress", "exact_kl_every", "eval_samples", "eval_every",
-                               "vllm_kv_cache_gb", "vllm_gpu_memory_utilization"})
+                               "vllm_kv_cache_gb", "vllm_gpu_memory_utilization", "plugins"})
 
 
 @dataclass
@@ -39,6 +39,10 @@ class TrainConfig:
     model: str = field(default="smollm2-135m-instruct", metadata={
         "help": "Hub name, local path, or 'smollm2-135m-instruct' (the embedded default model)."})
     task: str = field(default="sentiment", metadata={"help": "Task name (see `fdpg tasks`)."})
+    plugins: str = field(default="", metadata={
+        "help": "Your own modules or .py files, comma-separated, imported before anything else (they register "
+                "divergences, tasks, utilities, segmenters); also FDPG_PLUGINS and the 'fdpg.plugins' entry "
+                "points. Recorded here, so --resume and fdpg report load them again (see fdpg.plugins)."})
     divergence: str = field(default="rkl", metadata={
         "help": "f-divergence: rkl, fkl, tv, js, chi2, hellinger, alpha:A, or a registered name."})
     beta: float = field(default=0.1, metadata={"help": "KL coefficient of reward targets P = a exp(r/beta)."})

@@ -88,7 +88,8 @@ class Policy:
     def checkpoint_activations(self, every_n_layers: int = 1) -> None:
         """Recompute every ``every_n_layers``-th decoder layer's activations in backward instead of keeping them.
 
-        Through transformers' ``activation_checkpointing_enable`` (``torch.utils.checkpoint``, non-reentrant): the
+        Through transformers' ``activation_checkpointing_enable`` (in 5.19 ``gradient_checkpointing_enable``;
+        ``torch.utils.checkpoint``, non-reentrant): the
         backward runs those layers' forward once more, so the gradient is the same up to rounding (no dropout).
         transformers checkpoints a layer only when it is in training mode with gradients on; the policy stays in
         eval mode (dropout off), so only the checkpointed layers' own ``training`` flag is set, not their
@@ -101,7 +102,9 @@ class Policy:
         if not getattr(base, "supports_gradient_checkpointing", False):
             raise ValueError(f"--activation_checkpointing: {type(base).__name__} does not support activation "
                              "checkpointing in transformers; run without it (0)")
-        base.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
+        # 5.25 deprecates gradient_checkpointing_enable for this name; 5.19 (vLLM's CPU build needs < 5.20) lacks it
+        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        enable({"use_reentrant": False}, every_n_layers=every_n_layers)
         layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
         if not layers:
             raise ValueError(f"--activation_checkpointing: {type(base).__name__} has no checkpointable decoder "

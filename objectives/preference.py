@@ -84,8 +84,13 @@ def preference_loss(
     rejected_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""``[N]`` per-pair loss from the log-ratios :math:`\log\frac{\pi}{\pi_{ref}}` of the chosen and rejected
-    responses (see the module docstring); ``ipo`` needs the responses' token counts."""
+    responses (see the module docstring); ``ipo`` needs the responses' token counts. A divergence f-DPO is not
+    defined for (total variation) is refused here, not only by the config (:func:`f_dpo_problem`)."""
     check_preference_settings(loss, beta, label_smoothing)
+    problem = f_dpo_problem(divergence)
+    if problem is not None:
+        raise PreferenceLossError(f"f-DPO is not defined for this divergence: {problem}; choose rkl, fkl, js, "
+                                  "alpha:A, chi2 or hellinger")
     s_w, s_l = f_dpo_scores(chosen_log_ratio, divergence), f_dpo_scores(rejected_log_ratio, divergence)
     if loss == "ipo":
         if chosen_lengths is None or rejected_lengths is None:

@@ -67,32 +67,39 @@ def place_on_last_token(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return out
 
 
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` on the real tokens, 0 elsewhere, by selection: padding may hold anything (NaN, inf) and stays out."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                            lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""GAE advantages and returns ``([B, T], [B, T])``; masked positions get 0 and do not propagate."""
-    mask = mask.to(rewards.dtype)
-    rewards, values = rewards * mask, values * mask
+    r"""GAE advantages and returns ``([B, T], [B, T])``; masked positions get 0 and do not propagate.
+
+    Masked positions are selected out, not multiplied by 0: a NaN reward or an infinite value on padding (beyond
+    a sequence's end) leaves the real tokens' advantages as they are (``nan * 0`` would be NaN)."""
+    rewards, values = _masked(rewards, mask), _masked(values, mask)
+    live = mask.bool()
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
         next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]
+        running = torch.where(live[:, t], delta + gamma * lam * running, torch.zeros_like(running))
         advantages[:, t] = running
-    return advantages, (advantages + values) * mask
+    return advantages, _masked(advantages + values, mask)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    """Mean over the real tokens (padding, whatever it holds, selected out)."""
+    return _masked(x, mask).sum() / mask.to(x.dtype).sum().clamp(min=1)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Unbiased variance over the real tokens."""
-    mask = mask.to(x.dtype)
-    n = mask.sum()
-    mean = (x * mask).sum() / n.clamp(min=1)
-    return (((x - mean) ** 2) * mask).sum() / (n - 1).clamp(min=1)
+    n = mask.to(x.dtype).sum()
+    mean = _masked(x, mask).sum() / n.clamp(min=1)
+    return _masked((x - mean) ** 2, mask).sum() / (n - 1).clamp(min=1)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
@@ -105,7 +112,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask.to(x.dtype)
+    return _masked(out, mask)
 
 
 def clipped_policy_loss(log_pi: torch.Tensor, log_pi_old: torch.Tensor, advantages: torch.Tensor,

@@ -317,6 +317,21 @@ _ALIASES = {
 }
 
 
+def register_segmenter(name: str, function: Callable[[str], Sequence[Sequence[int]]],
+                       overwrite: bool = False) -> Segmenter:
+    """Make ``name`` a segmenter of :func:`get_segmenter` (so of a reward's ``segmenter=NAME``): ``function`` maps a
+    text to its spans ``[(start, end), ...]``, validated on every call by :func:`check_spans`. A built-in name is
+    refused unless ``overwrite``. Put the call in a plugin (:mod:`fdpg.plugins`) to have it in every process."""
+    key = str(name).strip().lower()
+    if not key or key in _ALIASES:
+        raise SegmentationError(f"register_segmenter: {name!r} is empty or an alias of a built-in segmenter")
+    if key in SEGMENTERS and not overwrite:
+        raise SegmentationError(f"register_segmenter: {key!r} is already a segmenter; pick another name or "
+                                "overwrite=True")
+    SEGMENTERS[key] = segmenter_from_function(function, key)
+    return SEGMENTERS[key]
+
+
 def get_segmenter(name: str | Segmenter) -> Segmenter:
     """A built-in segmenter by name (``"whole"``, ``"sentence"``, ``"sub_sentence"``), or a user callable
     wrapped by :func:`segmenter_from_function`."""

@@ -414,6 +414,35 @@ _FAMILIES: dict[str, tuple[Callable[..., Utility], str | None, str]] = {
 }
 
 
+def register_utility(name: str, utility: Utility | Callable[..., Utility], param: str | None = None,
+                     description: str = "a user-registered utility", overwrite: bool = False) -> None:
+    """Make ``name`` a utility of :func:`get_utility` (and so of ``--utility`` / ``--utilities``).
+
+    ``utility`` is a :class:`Utility` (e.g. from :func:`utility_from_function`), or a factory taking the family's
+    one parameter ``param`` as a keyword (``register_utility("tanh", make_tanh, param="scale")`` then
+    ``--utility tanh:2``). A built-in name is refused unless ``overwrite``. Put the call in a plugin
+    (:mod:`fdpg.plugins`) to have it in every fdpg process."""
+    key = str(name).strip().lower()
+    if not key or ":" in key or "," in key or "=" in key:
+        raise UtilityError(f"register_utility: name {name!r} must be a non-empty word without ':', ',' or '='")
+    if key in _FAMILIES and not overwrite:
+        raise UtilityError(f"register_utility: {key!r} is already a utility; pick another name or overwrite=True")
+    if isinstance(utility, Utility):
+        if param is not None:
+            raise UtilityError(f"register_utility({key!r}): a Utility instance takes no parameter; give a factory")
+        instance = utility
+
+        def factory(**params: float) -> Utility:
+            if params:
+                raise TypeError(f"{key} takes no parameter")
+            return instance
+    elif callable(utility):
+        factory = utility
+    else:
+        raise UtilityError(f"register_utility({key!r}): give a Utility or a factory returning one, got {utility!r:.80}")
+    _FAMILIES[key] = (factory, param, description)
+
+
 def available_utilities() -> list[str]:
     """The family names :func:`get_utility` knows."""
     return list(_FAMILIES)

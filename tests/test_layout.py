@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND_LINE = {ROOT / "fdpg" / "cli.py", *(ROOT / "fdpg" / "commands").glob("*.py")}
+COMMAND_LINE = {ROOT / "fdpg" / "cli.py", ROOT / "fdpg" / "api.py", *(ROOT / "fdpg" / "commands").glob("*.py")}
 
 
 def imported_modules(path: Path) -> set[str]:

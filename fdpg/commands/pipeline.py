@@ -3,6 +3,7 @@ r"""``fdpg pipeline CONFIG.yaml``: the stages of the RLHF pipeline chained, each
 ::
 
     output_dir: pipelines/gender
+    plugins: [./my_task.py]      # optional: your modules or files (relative to this file), in every stage
     defaults:                    # flags given to every `train` stage (a stage's own args win)
       model: smollm2-135m-instruct
       task: gender
@@ -127,6 +128,12 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
     from fdpg.config import read_mapping_file
 
     spec = read_mapping_file(path, "fdpg pipeline")
+    if spec.get("plugins"):  # before the stages are checked: they may name a plugin's task or divergence
+        from fdpg.plugins import load_plugins, split_specs
+
+        here = Path(path).resolve().parent
+        load_plugins([str(here / s) if s.endswith(".py") and not Path(s).is_absolute() else s
+                      for s in split_specs(spec["plugins"])])
     if not isinstance(spec.get("output_dir"), str):
         raise PipelineConfigError(f"{path}: needs output_dir: DIRECTORY")
     stages = spec.get("stages")

@@ -97,6 +97,9 @@ def cmd_report(argv: Sequence[str]) -> int:
     parser.add_argument("--samples", type=int, default=3, help="samples shown per cell at its first and last step")
     parser.add_argument("--title", default=None)
     args = parser.parse_args(list(argv))
+    from fdpg.plugins import load_recorded
+
+    load_recorded(args.runs)  # the divergences and tasks of runs made with plugins
     if args.last < 1:
         raise ValueError(f"--last must be a positive number of steps, got {args.last}")
     if not 0 <= args.smoothing < 1:

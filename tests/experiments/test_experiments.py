@@ -4,6 +4,7 @@ whole experiment runs on the tiny model to its verdict."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -76,3 +77,23 @@ def test_a_one_step_version_runs_to_its_verdict(name: str, tiny_word_model_dir: 
 
     assert module.main(["--smoke", str(tiny_word_model_dir), "--out", str(out)]) == 0
     assert runs(json.loads((out / "timings.json").read_text())) == runs(timings)
+
+
+def test_the_experiments_plugins_are_imported_before_any_stage_and_reach_the_stages(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """``--plugins``: imported while the script parses (a broken one stops it, naming the file), then in
+    ``FDPG_PLUGINS`` for the stages' processes."""
+    import fdpg.plugins as plugins
+    from experiments.common import experiment_parser
+
+    monkeypatch.setattr(plugins, "_loaded", {})
+    monkeypatch.delenv(plugins.ENV_VAR, raising=False)
+    good = tmp_path / "exp_plugin_ok.py"
+    good.write_text("from objectives import ReverseKL, register_divergence\n"
+                    "register_divergence('exp_rkl_copy', ReverseKL())\n")
+    args = experiment_parser("x", str(tmp_path / "out")).parse_args(["--plugins", str(good)])
+    assert args.plugins == [str(good.resolve())] and os.environ[plugins.ENV_VAR] == str(good.resolve())
+    bad = tmp_path / "exp_plugin_bad.py"
+    bad.write_text("raise RuntimeError('nope')\n")
+    with pytest.raises(SystemExit):
+        experiment_parser("x", str(tmp_path / "out")).parse_args(["--plugins", str(bad)])

@@ -134,3 +134,12 @@ def test_bad_settings_and_undefined_divergences_are_refused():
     assert "strictly increasing" in f_dpo_problem(get_divergence("tv"))
     for name in ("rkl", "fkl", "js", "alpha:0.3", "alpha:0.5", "chi2", "hellinger"):
         assert f_dpo_problem(get_divergence(name)) is None, name
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "robust"])
+def test_the_loss_itself_refuses_total_variation(loss):
+    """Issue 34: the module says TV is refused; the tensor function must say so too, not only the config."""
+    x = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    n = torch.tensor([3, 4])
+    with pytest.raises(PreferenceLossError, match="not defined for this divergence.*strictly increasing"):
+        preference_loss(x, -x, get_divergence("tv"), 0.1, loss, chosen_lengths=n, rejected_lengths=n)

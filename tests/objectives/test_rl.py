@@ -108,6 +108,22 @@ def _whiten_example():
     return x, mask
 
 
+@pytest.mark.parametrize("junk", [float("nan"), float("inf"), -float("inf")])
+def test_gae_padding_may_hold_anything(junk: float) -> None:
+    """Issue 34's case: rewards [[1, 2, junk]] and values [[0, 0, junk]] with mask [[1, 1, 0]], gamma = lambda = 1:
+    A = reward-to-go over the real tokens, [3, 2, 0] (written out by hand), returns the same (V = 0)."""
+    rewards = torch.tensor([[1.0, 2.0, junk], [0.5, junk, junk]])
+    values = torch.tensor([[0.0, 0.0, junk], [0.25, -junk, junk]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    advantages, returns = generalized_advantages(rewards, values, mask, gamma=1.0, lam=1.0)
+    # row 2: delta_0 = 0.5 + 0 - 0.25 (the value after the last real token is 0)
+    assert torch.equal(advantages, torch.tensor([[3.0, 2.0, 0.0], [0.25, 0.0, 0.0]]))
+    assert torch.equal(returns, torch.tensor([[3.0, 2.0, 0.0], [0.5, 0.0, 0.0]]))
+    assert masked_mean(rewards, mask).item() == pytest.approx((1 + 2 + 0.5) / 3)
+    assert masked_var(rewards, mask).item() == pytest.approx(torch.tensor([1.0, 2.0, 0.5]).var().item())
+    assert torch.isfinite(masked_whiten(rewards, mask)).all()
+
+
 def test_masked_mean_and_unbiased_var_ignore_masked_values() -> None:
     """masked_mean / masked_var are the mean and the unbiased (n - 1) variance of the real tokens only."""
     x, mask = _whiten_example()

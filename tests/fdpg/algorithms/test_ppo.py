@@ -211,10 +211,14 @@ def test_a_value_model_with_another_tokenizer_is_refused(make_trainer, enumerabl
 
 
 
-def test_ppo_ptx_adds_the_coefficient_times_the_lm_loss_gradient(make_trainer, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("micro_batch_size", [8, 3], ids=["one_micro_batch", "three_micro_batches"])
+def test_ppo_ptx_adds_the_coefficient_times_the_lm_loss_gradient(make_trainer, tmp_path, monkeypatch,
+                                                                 micro_batch_size: int) -> None:
     r"""PPO-ptx: one step's gradient with ``--ptx_coef G`` minus the same step's without it is exactly
     :math:`G\nabla\mathcal L_{LM}` of the pretraining pieces drawn for the minibatch (transformers' causal-LM loss,
-    recomputed here), and ``ppo/ptx_loss`` is that loss."""
+    recomputed here: one token mean over the whole minibatch), and ``ppo/ptx_loss`` is that loss; also when the
+    minibatch runs in several micro-batches of unequal token counts (each normalised by its own count instead
+    gives another gradient: issue 34)."""
     text = tmp_path / "pretraining.jsonl"
     text.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
         "the quick brown fox jumps over the lazy dog", "a stitch in time saves nine", "all that glitters is not gold",
@@ -223,7 +227,7 @@ def test_ppo_ptx_adds_the_coefficient_times_the_lm_loss_gradient(make_trainer, t
 
     def step_gradient(**overrides):
         trainer = make_trainer(algo="ppo", steps=1, ppo_epochs=1, critic="none", output_dir=tmp_path / str(overrides),
-                               **overrides)
+                               micro_batch_size=micro_batch_size, **overrides)
         grads = {}
 
         def capture():
