@@ -359,6 +359,7 @@ def progress_report(metrics_file: Path, window: int = 5) -> str:
 def cmd_eval(argv: Sequence[str]) -> int:
     """``fdpg eval --task NAME --model PATH_OR_RUN``: task metrics, KL(pi||a) and Distinct-n of N samples."""
     from fdpg.evaluation import evaluate_policy, load_run_policy
+    from fdpg.generation import add_generation_arguments, attach_generator, generation_from_arguments
     from fdpg.policy import Policy
     from fdpg.run_log import dumps
     from tasks import get_task
@@ -375,12 +376,11 @@ def cmd_eval(argv: Sequence[str]) -> int:
     parser.add_argument("--out", "--output", dest="output", default=None,
                         help="write the full JSON result here (default for a run directory: RUN/eval-TASK.json)")
     parser.add_argument("--json", action="store_true", help="print the full JSON result instead of the table")
-    parser.add_argument("--generation", choices=("torch", "vllm"), default="torch",
-                        help="what samples: fdpg's torch loop or a vLLM engine (`make setup-vllm`)")
-    parser.add_argument("--vllm_kv_cache_gb", "--vllm-kv-cache-gb", type=float, default=None)
+    add_generation_arguments(parser)
     args = parser.parse_args(list(argv))
     if args.n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {args.n}")
+    generation = generation_from_arguments(args)
     is_run = (Path(args.model) / "config.json").is_file() and (Path(args.model) / "metrics.jsonl").exists()
     if is_run:
         from fdpg.plugins import load_recorded
@@ -390,10 +390,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else None
     spec = get_task(args.task).build(args.beta, options, prompts)
     policy = load_run_policy(args.model) if is_run else Policy.from_pretrained(args.model)
-    if args.generation != "torch":
-        from fdpg.generation import attach_generator
-
-        attach_generator(policy, TrainConfig(generation=args.generation, vllm_kv_cache_gb=args.vllm_kv_cache_gb))
+    attach_generator(policy, generation)
     metrics = evaluate_policy(policy, spec, args.n, args.max_new_tokens, args.seed)
     result = {"task": args.task, "model": args.model, **metrics}
     text = dumps(result)

@@ -301,8 +301,8 @@ class TrainConfig:
         if self.generation == "vllm":
             require_vllm()
             self.vllm_settings().check()
-        elif any(getattr(self, f) not in (None, False, 1) for f in ("vllm_kv_cache_gb", "vllm_gpu_memory_utilization",
-                                                                  "vllm_enforce_eager", "vllm_tensor_parallel_size")):
+        elif (self.vllm_kv_cache_gb is not None or self.vllm_gpu_memory_utilization is not None
+              or self.vllm_enforce_eager is not False or self.vllm_tensor_parallel_size != 1):  # (1.0 == 1: no `in`)
             raise ValueError("the --vllm_* settings are for --generation vllm; add it or drop them")
 
     def vllm_settings(self):

@@ -21,6 +21,7 @@ def cmd_bon(argv: Sequence[str]) -> int:
     prompt are drawn once and best-of-n is the best of the first n of them (the nested estimator)."""
     from fdpg.bon import load_base_policy, parse_ns, reward_feature_of, run_best_of_n, write_bon_runs
     from fdpg.config import TrainConfig
+    from fdpg.generation import add_generation_arguments, attach_generator, generation_from_arguments
     from tasks import get_task
 
     parser = argparse.ArgumentParser(prog="fdpg bon", description=cmd_bon.__doc__)
@@ -44,10 +45,12 @@ def cmd_bon(argv: Sequence[str]) -> int:
     parser.add_argument("--chunk", type=int, default=16, help="completions per generate call")
     parser.add_argument("--trust_remote_code", action="store_true")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_generation_arguments(parser)
     args = parser.parse_args(list(argv))
     from fdpg.cli import read_prompts_file
 
     ns = parse_ns(args.n)
+    generation = generation_from_arguments(args)
     if args.prompts < 1:
         raise ValueError(f"--prompts must be a positive number of prompts, got {args.prompts}")
     options = TrainConfig(task_args=args.task_args).task_options()
@@ -61,6 +64,7 @@ def cmd_bon(argv: Sequence[str]) -> int:
 
     torch.manual_seed(args.seed)
     policy = load_base_policy(args.model, trust_remote_code=args.trust_remote_code)
+    attach_generator(policy, generation)
     results = run_best_of_n(policy, spec, ns, args.prompts, args.max_new_tokens, args.seed, reward,
                             chunk=args.chunk, progress=not args.no_progress)
     settings = {"task": args.task, "task_args": args.task_args, "model": args.model, "reward_feature": reward,

@@ -27,6 +27,7 @@ class ScoredSamples:
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every scored-sampling command takes (task, model, length, seed, feature)."""
     from fdpg.config import TrainConfig
+    from fdpg.generation import add_generation_arguments
 
     parser.add_argument("--task", required=True)
     parser.add_argument("--output_dir", "--output-dir", required=True)
@@ -38,6 +39,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the feature that scores a sample (default: the reward of an a*exp(r/beta) target)")
     parser.add_argument("--beta", type=float, default=TrainConfig.beta)
     parser.add_argument("--no_progress", action="store_true")
+    add_generation_arguments(parser)
 
 
 def draw_scored_samples(args: argparse.Namespace, n_prompts: int, per_prompt: int = 1) -> ScoredSamples:
@@ -46,14 +48,17 @@ def draw_scored_samples(args: argparse.Namespace, n_prompts: int, per_prompt: in
     from fdpg.bon import reward_feature_of
     from fdpg.config import TrainConfig
     from fdpg.evaluation import draw_prompts, sample_for_prompts
+    from fdpg.generation import attach_generator, generation_from_arguments
     from fdpg.policy import Policy
     from fdpg.scores import checked_features
     from tasks import get_task
 
+    generation = generation_from_arguments(args)
     config = TrainConfig(task=args.task, task_args=args.task_args, beta=args.beta)
     spec = get_task(args.task).build(args.beta, config.task_options(), None)
     feature = reward_feature_of(spec, args.reward_feature, args.beta)
     policy = Policy.from_pretrained(args.model)
+    attach_generator(policy, generation)
     prompts = [p for p in draw_prompts(spec.prompts, n_prompts, args.seed) for _ in range(per_prompt)]
     batch = sample_for_prompts(policy, prompts, args.max_new_tokens, args.seed, progress=not args.no_progress)
     scores = checked_features(spec.target, spec.scorer(list(batch.texts), list(batch.prompts)), len(batch))[feature]

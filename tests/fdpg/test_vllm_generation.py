@@ -69,6 +69,8 @@ def test_the_default_is_the_torch_loop_and_an_unknown_backend_is_refused() -> No
 def test_vllm_settings_without_vllm_generation_are_refused() -> None:
     with pytest.raises(ValueError, match="--vllm_\\* settings are for --generation vllm"):
         TrainConfig(vllm_kv_cache_gb=2.0)
+    with pytest.raises(ValueError, match="--vllm_\\* settings are for --generation vllm"):
+        TrainConfig(vllm_kv_cache_gb=1.0)  # equal to the tensor-parallel default 1: once let through
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
@@ -218,3 +220,71 @@ def test_the_applied_gradient_is_the_exact_gradient_with_vllm_sampling(enumerabl
     t2, rank, p_value = projected_hotelling(grads, gradient)
     assert p_value > P_VALUE_FLOOR, f"T^2 = {t2:.1f} on {rank} dof (p = {p_value:.2g})"
     assert metrics[-1]["proposal/log_q_minus_log_pi_max_abs"] > 0  # q is vLLM's, not pi
+
+
+def _negated_loss(*args, **kwargs) -> torch.Tensor:
+    from objectives import surrogate_loss
+
+    return -surrogate_loss(*args, **kwargs)
+
+
+def _unweighted_loss(log_pi, rewards, baseline, weights=None, normaliser=None) -> torch.Tensor:
+    from objectives import surrogate_loss
+
+    return surrogate_loss(log_pi, rewards, baseline, None, normaliser=normaliser)
+
+
+VLLM_SEEDED_BUGS = {
+    "ascends D_f": (dict(divergence="rkl"), "loss", _negated_loss),
+    "log Z never subtracted": (dict(divergence="fkl"), "log_z", None),
+    # vLLM samples the tempered q; pi/q from the training forward must weight them
+    "importance weights dropped (temperature on vLLM)": (dict(divergence="js", temperature=1.6), "loss",
+                                                          _unweighted_loss),
+}
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", list(VLLM_SEEDED_BUGS))
+def test_the_exactness_test_with_vllm_sampling_rejects_seeded_bugs(enumerable_vllm_model_dir: Path, tmp_path: Path,
+                                                                   tiny_vllm, monkeypatch, bug: str) -> None:
+    """The power of the test above: with vLLM as the sampler, each one-line bug makes Hotelling's test fail."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from enumerable_lm import enumerable_trainer, exact_divergence_gradient, exact_prompt, recorded_gradients
+    from statistics_testing import projected_hotelling
+
+    import fdpg.algorithms.f_dpg as f_dpg
+
+    settings, where, replacement = VLLM_SEEDED_BUGS[bug]
+    trainer = enumerable_trainer(enumerable_vllm_model_dir, tmp_path, generator=tiny_vllm, generation="vllm",
+                                 **settings)
+    params = list(trainer._policy_trainable().values())
+    gradient = exact_divergence_gradient([exact_prompt(trainer, p) for p in trainer.prompts], trainer.divergence,
+                                         params)
+    if where == "loss":
+        monkeypatch.setattr(f_dpg, "surrogate_loss", replacement)
+    else:
+        monkeypatch.setattr(trainer.log_z, "log_z_many",
+                            lambda keys, n=None: torch.zeros(len(keys), dtype=torch.float64))
+    grads, _ = recorded_gradients(trainer, 40, 2)
+    t2, rank, p_value = projected_hotelling(grads, gradient)
+    assert p_value < 1e-6, f"{bug}: not rejected (T^2 = {t2:.1f} on {rank} dof, p = {p_value:.2g})"
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "--task", "sentiment", "--model", "MODEL"],
+    ["bon", "--task", "sentiment", "--model", "MODEL", "--output_dir", "OUT", "--n", "1,2"],
+    ["filter-samples", "--task", "sentiment", "--model", "MODEL", "--output_dir", "OUT"],
+    ["label-rankings", "--task", "sentiment", "--model", "MODEL", "--output_dir", "OUT"],
+], ids=lambda c: c[0])
+def test_every_sampling_command_takes_the_generation_flags_and_checks_them(command: list[str], tiny_model_dir: Path,
+                                                                         tmp_path: Path, capsys) -> None:
+    """``--generation`` / ``--vllm_*`` on eval, bon, filter-samples and label-rankings, refused like train's."""
+    from fdpg.cli import main
+
+    argv = [str(tiny_model_dir) if a == "MODEL" else str(tmp_path / "out") if a == "OUT" else a for a in command]
+    assert main([*argv, "--vllm_kv_cache_gb", "1"]) == 2
+    assert "the --vllm_* settings are for --generation vllm" in capsys.readouterr().err
+    if not HAS_VLLM:
+        assert main([*argv, "--generation", "vllm"]) == 2
+        assert "make setup-vllm" in capsys.readouterr().err
