@@ -179,7 +179,21 @@ class TrainConfig:
                 "datasets directory, a hub dataset name, or 'task' (pairs made from the task: best against worst of "
                 "--pair_samples base-model samples for --pair_prompts prompts, saved in the run directory)."})
     preference_loss: str = field(default="sigmoid", metadata={
-        "help": "DPO: sigmoid (DPO; cDPO with --label_smoothing), ipo, hinge (SLiC) or robust."})
+        "help": "DPO: sigmoid (DPO; cDPO with --label_smoothing), ipo, hinge (SLiC), robust, exo_pair, discopop, "
+                "sigmoid_norm (these read --divergence), or, reverse KL only, nca_pair, bco_pair, sppo_hard, "
+                "apo_zero, apo_down, rdpo (R-DPO, --length_alpha), dpop (DPO-Positive, --positive_lambda); or, "
+                "reference-free (no reference pass), simpo (--simpo_gamma), cpo (--nll_coef), orpo (beta is its "
+                "lambda); see objectives.preference and objectives.reference_free."})
+    length_alpha: float = field(default=0.0, metadata={
+        "help": "DPO --preference_loss rdpo: the margin's charge per token the chosen response is longer (R-DPO)."})
+    positive_lambda: float = field(default=50.0, metadata={
+        "help": "DPO --preference_loss dpop: the weight of max(0, log pi_ref/pi) of the chosen response (DPOP)."})
+    simpo_gamma: float = field(default=0.5, metadata={
+        "help": "DPO --preference_loss simpo: the target margin gamma of SimPO (reference-free)."})
+    nll_coef: float = field(default=1.0, metadata={
+        "help": "DPO --preference_loss cpo: the weight alpha of the chosen responses' NLL per token (ORPO's is 1)."})
+    discopop_tau: float = field(default=0.05, metadata={
+        "help": "DPO --preference_loss discopop: the temperature of its logistic/exponential mix."})
     label_smoothing: float = field(default=0.0, metadata={
         "help": "DPO: probability that a preference label is flipped, in [0, 0.5) (sigmoid and robust losses)."})
     epochs: float | None = field(default=None, metadata={
@@ -359,7 +373,27 @@ class TrainConfig:
         if problem is not None:
             raise ValueError(f"--algo dpo --divergence {self.divergence}: f-DPO is not defined for it, since "
                              f"{problem}; use rkl (DPO), fkl, js or alpha:A")
-        check_preference_settings(self.preference_loss, self.beta, self.label_smoothing)
+        from objectives.reference_free import REFERENCE_FREE_LOSSES
+
+        if self.preference_loss in REFERENCE_FREE_LOSSES:
+            if self.divergence != "rkl":
+                raise ValueError(f"--preference_loss {self.preference_loss} is reference-free: it reads no "
+                                 f"pi/pi_ref, so it has no --divergence {self.divergence} form; drop --divergence")
+            if self.label_smoothing and self.preference_loss == "orpo":
+                raise ValueError("--label_smoothing is not part of ORPO (simpo and cpo take it): drop it")
+            if not 0.0 <= self.label_smoothing < 0.5:
+                raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+            if not (math.isfinite(self.beta) and self.beta > 0):
+                raise ValueError(f"--beta must be a positive number, got {self.beta!r}")
+        else:
+            check_preference_settings(self.preference_loss, self.beta, self.label_smoothing,
+                                      get_divergence(self.divergence))
+        for name in ("length_alpha", "positive_lambda", "discopop_tau", "simpo_gamma", "nll_coef"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
+        if self.discopop_tau == 0:
+            raise ValueError("--discopop_tau must be positive (it divides the margin)")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ValueError(f"--epochs must be a positive number, got {self.epochs!r}")
         if not 0 <= self.heldout_fraction < 1:

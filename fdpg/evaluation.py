@@ -238,6 +238,9 @@ def base_evaluation(policy, spec, n: int, max_new_tokens: int, key: dict[str, An
     key = {**key, "n": n, "max_new_tokens": max_new_tokens, "seed": EVAL_SEED, "chunk": EVAL_CHUNK,
            "prompts": hashlib.sha256("\n".join(spec.prompts or [""]).encode()).hexdigest(),
            "target": spec.target.describe()}
+    backend = getattr(generator_of(policy), "name", "torch")
+    if backend != "torch":  # other samples (vLLM's seeds, its bf16 q): not the torch loop's cached evaluation
+        key["generation"] = backend
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = (cache_dir or evaluation_cache_dir()) / f"base-{digest}.json"
     cached = None

@@ -25,6 +25,33 @@ Per-pair losses (:func:`preference_loss`, ``loss=``):
 - ``robust`` (Chowdhury et al. 2024): :math:`\frac{-(1-\varepsilon)\log\sigma(\beta\Delta)
   + \varepsilon\log\sigma(-\beta\Delta)}{1-2\varepsilon}`, unbiased under preferences flipped with probability
   :math:`\varepsilon`.
+- ``exo_pair`` (EXO, Ji et al. 2024, Eq. 16): :math:`KL(q\|p_\varepsilon)` between the policy's preference
+  :math:`q = (\sigma(\beta\Delta), \sigma(-\beta\Delta))` and the smoothed label :math:`(1-\varepsilon, \varepsilon)`,
+  i.e. :math:`\sum_k q_k(\log q_k - \log p_k)`: the reverse KL of the label where DPO is its forward KL (needs
+  :math:`\varepsilon > 0`);
+- ``discopop`` (DiscoPOP, Lu et al. 2024, Eq. 5): :math:`(1-m)\,(-\log\sigma(\beta\Delta)) + m\,e^{-\beta\Delta}`
+  with :math:`m = \sigma(\beta\Delta/\tau)` (``discopop_tau``, 0.05 as in TRL), a log-ratio-modulated blend of the
+  logistic and the exponential loss;
+- ``sigmoid_norm``: DPO on the length-normalised scores, :math:`-\log\sigma(\beta(s_w/|y_w| - s_l/|y_l|))`.
+
+Losses of the log-ratios themselves (reverse KL only: they do not read :math:`f'`, so another divergence is refused),
+with :math:`\rho = \log\frac{\pi_\theta}{\pi_{ref}}`:
+
+- ``nca_pair`` (NCA, Chen et al. 2024): :math:`-\log\sigma(\beta\rho_w) - \tfrac12\log\sigma(-\beta\rho_w)
+  - \tfrac12\log\sigma(-\beta\rho_l)`, absolute rather than relative rewards;
+- ``bco_pair`` (BCO, Jung et al. 2024, paired form): :math:`-\log\sigma(\beta\rho_w) - \log\sigma(-\beta\rho_l)`, each
+  response classified on its own;
+- ``sppo_hard`` (SPPO, Wu et al. 2024, hard win probabilities): :math:`(\rho_w - \frac{1}{2\beta})^2
+  + (\rho_l + \frac{1}{2\beta})^2`, each log-ratio regressed to :math:`\pm\frac{1}{2\beta}`;
+- ``apo_zero`` / ``apo_down`` (APO, D'Oosterlinck et al. 2024, Eqs. 7-8): :math:`(1 - \sigma(\beta\rho_w)) +
+  \sigma(\beta\rho_l)` (raise the chosen, lower the rejected) / :math:`\sigma(\beta\rho_w) + (1 -
+  \sigma(\beta(\rho_w - \rho_l)))` (lower both, the rejected more);
+- ``rdpo`` (R-DPO, Park et al. 2024): :math:`-\log\sigma(\beta(\rho_w - \rho_l) - \alpha(|y_w| - |y_l|))`, the
+  margin charged :math:`\alpha` (``length_alpha``) per token the chosen response is longer: in the reverse-KL
+  reading, the target :math:`a\,e^{(r - \alpha|y|)/\beta}`, a length penalty in the reward;
+- ``dpop`` (DPO-Positive, Pal et al. 2024): :math:`-\log\sigma(\beta(\rho_w - \rho_l - \lambda\max(0, -\rho_w)))`
+  (``positive_lambda``, 50 in the paper): DPO plus a penalty whenever the chosen response's likelihood falls below
+  the reference's, which plain DPO allows as long as the rejected one falls faster.
 
 Why DPO is the f-DPG reverse-KL target: if preferences follow Bradley-Terry with reward :math:`r`,
 :math:`P(y \succ y') = \sigma(r(y) - r(y'))`, the expected sigmoid loss of a policy that can represent any
@@ -41,11 +68,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from objectives.divergences import Divergence
+from objectives.divergences import Divergence, ReverseKL
 from objectives.errors import ObjectiveError
 
 #: The per-pair losses of :func:`preference_loss`.
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "discopop", "sigmoid_norm", "nca_pair",
+                     "bco_pair", "sppo_hard", "apo_zero", "apo_down", "rdpo", "dpop")
+#: Losses that read the log-ratios themselves, not the f-DPO scores: reverse KL only.
+LOG_RATIO_LOSSES = ("nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "rdpo", "dpop")
+#: Losses that normalise by the responses' token counts (``chosen_lengths``/``rejected_lengths`` needed).
+LENGTH_LOSSES = ("ipo", "sigmoid_norm", "rdpo")
+#: Losses that read ``label_smoothing``.
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair")
 
 
 class PreferenceLossError(ObjectiveError):
@@ -82,28 +116,55 @@ def preference_loss(
     label_smoothing: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    *,
+    length_alpha: float = 0.0,
+    positive_lambda: float = 50.0,
+    discopop_tau: float = 0.05,
 ) -> torch.Tensor:
     r"""``[N]`` per-pair loss from the log-ratios :math:`\log\frac{\pi}{\pi_{ref}}` of the chosen and rejected
-    responses (see the module docstring); ``ipo`` needs the responses' token counts. A divergence f-DPO is not
-    defined for (total variation) is refused here, not only by the config (:func:`f_dpo_problem`)."""
-    check_preference_settings(loss, beta, label_smoothing)
+    responses (see the module docstring); ``ipo``, ``sigmoid_norm`` and ``rdpo`` need the responses' token counts.
+    A divergence f-DPO is not defined for (total variation) is refused here, not only by the config
+    (:func:`f_dpo_problem`), and so is any divergence but reverse KL for the log-ratio losses."""
+    check_preference_settings(loss, beta, label_smoothing, divergence)
     problem = f_dpo_problem(divergence)
     if problem is not None:
         raise PreferenceLossError(f"f-DPO is not defined for this divergence: {problem}; choose rkl, fkl, js, "
                                   "alpha:A, chi2 or hellinger")
-    s_w, s_l = f_dpo_scores(chosen_log_ratio, divergence), f_dpo_scores(rejected_log_ratio, divergence)
-    if loss == "ipo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise PreferenceLossError("loss 'ipo' normalises by the response lengths: pass chosen_lengths and "
-                                      "rejected_lengths (token counts)")
+    if loss in LENGTH_LOSSES and (chosen_lengths is None or rejected_lengths is None):
+        raise PreferenceLossError(f"loss {loss!r} reads the response lengths: pass chosen_lengths and "
+                                  "rejected_lengths (token counts)")
+    rho_w, rho_l, eps = chosen_log_ratio, rejected_log_ratio, label_smoothing
+    if loss in LOG_RATIO_LOSSES:
+        if loss == "nca_pair":
+            return (-F.logsigmoid(beta * rho_w) - 0.5 * F.logsigmoid(-beta * rho_w)
+                    - 0.5 * F.logsigmoid(-beta * rho_l))
+        if loss == "bco_pair":
+            return -F.logsigmoid(beta * rho_w) - F.logsigmoid(-beta * rho_l)
+        if loss == "sppo_hard":
+            return (rho_w - 0.5 / beta) ** 2 + (rho_l + 0.5 / beta) ** 2
+        if loss == "apo_zero":
+            return (1.0 - torch.sigmoid(beta * rho_w)) + torch.sigmoid(beta * rho_l)
+        if loss == "apo_down":
+            return torch.sigmoid(beta * rho_w) + (1.0 - torch.sigmoid(beta * (rho_w - rho_l)))
+        if loss == "rdpo":
+            length_gap = (chosen_lengths.to(rho_w) - rejected_lengths.to(rho_l))
+            return -F.logsigmoid(beta * (rho_w - rho_l) - length_alpha * length_gap)
+        return -F.logsigmoid(beta * (rho_w - rho_l - positive_lambda * torch.relu(-rho_w)))  # dpop
+    s_w, s_l = f_dpo_scores(rho_w, divergence), f_dpo_scores(rho_l, divergence)
+    if loss in ("ipo", "sigmoid_norm"):
         delta = s_w / chosen_lengths.clamp(min=1).to(s_w) - s_l / rejected_lengths.clamp(min=1).to(s_l)
-        return (delta - 1.0 / (2.0 * beta)) ** 2
+        return (delta - 1.0 / (2.0 * beta)) ** 2 if loss == "ipo" else -F.logsigmoid(beta * delta)
     z = beta * (s_w - s_l)
-    eps = label_smoothing
     if loss == "sigmoid":
         return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
     if loss == "hinge":
         return torch.relu(1.0 - z)
+    if loss == "exo_pair":
+        return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+                + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    if loss == "discopop":
+        mix = torch.sigmoid(z / discopop_tau)
+        return -F.logsigmoid(z) * (1.0 - mix) + torch.exp(-z) * mix
     return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)  # robust
 
 
@@ -112,8 +173,10 @@ def implicit_rewards(log_ratio: torch.Tensor, divergence: Divergence, beta: floa
     return beta * f_dpo_scores(log_ratio, divergence)
 
 
-def check_preference_settings(loss: str, beta: float, label_smoothing: float) -> None:
-    """Refuse an unknown loss, a non-positive beta or a label smoothing outside its range, naming the fix."""
+def check_preference_settings(loss: str, beta: float, label_smoothing: float,
+                              divergence: Divergence | None = None) -> None:
+    """Refuse an unknown loss, a non-positive beta, a label smoothing outside its range or on a loss that does not
+    read it, and a divergence other than reverse KL on a log-ratio loss, naming the fix."""
     if loss not in PREFERENCE_LOSSES:
         raise PreferenceLossError(f"--preference_loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {loss!r}")
     if not (math.isfinite(beta) and beta > 0):
@@ -121,6 +184,14 @@ def check_preference_settings(loss: str, beta: float, label_smoothing: float) ->
     if not 0.0 <= label_smoothing < 0.5:
         raise PreferenceLossError(f"--label_smoothing {label_smoothing!r} is out of range: it is the probability that "
                                   "a preference label is flipped, in [0, 0.5)")
-    if label_smoothing and loss not in ("sigmoid", "robust"):
-        raise PreferenceLossError(f"--label_smoothing is used by the sigmoid and robust losses only, not {loss!r}: "
-                                  "drop it or choose one of those")
+    if label_smoothing and loss not in SMOOTHED_LOSSES:
+        raise PreferenceLossError(f"--label_smoothing is used by the {', '.join(SMOOTHED_LOSSES)} losses only, not "
+                                  f"{loss!r}: drop it or choose one of those")
+    if loss == "exo_pair" and not label_smoothing > 0:
+        raise PreferenceLossError("--preference_loss exo_pair is the KL to the label (1 - eps, eps), infinite at eps "
+                                  "= 0: give --label_smoothing in (0, 0.5), e.g. 0.001")
+    if divergence is not None and loss in LOG_RATIO_LOSSES and not isinstance(divergence, ReverseKL):
+        raise PreferenceLossError(f"--preference_loss {loss} reads the log-ratios log(pi/pi_ref) themselves, not an "
+                                  f"f-divergence's f'(pi/pi_ref): it has no --divergence {divergence.name} form (TRL "
+                                  "has none either); use rkl, or one of sigmoid, ipo, hinge, robust, exo_pair, "
+                                  "discopop, sigmoid_norm")

@@ -38,6 +38,7 @@ from fdpg.log_probs import completion_token_log_probs
 from fdpg.preferences import TokenizedPairs, split_pairs
 from objectives import get_divergence
 from objectives.preference import f_dpo_problem, implicit_rewards, preference_loss
+from objectives.reference_free import REFERENCE_FREE_LOSSES, chosen_nll, reference_free_pair_loss
 
 #: The run directory's file of the reference's log-probabilities of every pair (``[N, 2]``: chosen, rejected).
 REFERENCE_FILE = "reference_log_probs.safetensors"
@@ -80,6 +81,8 @@ class DPOTrainer(OnlineTrainer):
         #: Pairs per forward pass: ``--micro_batch_size`` counts sequences, as for the online algorithms (a pair's
         #: chosen and rejected responses are two), so that the default 8 puts 8 rows in each pass there too.
         self.micro_pairs = max(1, config.micro_batch_size // 2)
+        #: SimPO, CPO, ORPO: the loss reads the policy alone; no reference pass is made.
+        self.reference_free = config.preference_loss in REFERENCE_FREE_LOSSES
 
     # ------------------------------------------------------------------ once per run
     def prepare_run(self) -> None:
@@ -87,6 +90,11 @@ class DPOTrainer(OnlineTrainer):
         there (with the pairs made from the task, when they were)."""
         from safetensors.torch import load_file, save_file
 
+        if self.reference_free:
+            if self.is_main and self.pair_data is not None and not (self.run_directory() / PAIRS_DIR).exists():
+                self.pair_data.save_to_disk(str(self.run_directory() / PAIRS_DIR))
+            self.accelerator.wait_for_everyone()
+            return
         path = self.run_directory() / REFERENCE_FILE
         if path.is_file():
             saved = load_file(str(path))["log_probs"]
@@ -126,19 +134,37 @@ class DPOTrainer(OnlineTrainer):
         return self.batches.step(step)
 
     # ------------------------------------------------------------------ the loss
-    def pair_losses(self, index: Sequence[int], grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pair_losses(self, index: Sequence[int], grad: bool, nll_tokens: float | None = None,
+                    batch_pairs: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-pair loss, and the log-ratios :math:`\\log\\frac{\\pi_\\theta}{\\pi_{ref}}` of the chosen and rejected
-        responses, from one forward pass of ``self.model`` over both (graph kept when ``grad``)."""
+        responses (reference-free losses: :math:`\\log\\pi_\\theta` itself), from one forward pass of ``self.model``
+        over both (graph kept when ``grad``). CPO and ORPO add their NLL term to each pair's loss as its share of
+        the chosen tokens' NLL divided by ``nll_tokens``, the chosen tokens of the ``batch_pairs`` pairs whose mean
+        loss is taken (default: these pairs), so that the batch's mean loss carries the NLL per chosen token."""
         cfg = self.config
         batch = self.pairs.as_batch(index, self.pad_id)
         with (nullcontext() if grad else torch.no_grad()), self.accelerator.autocast():
-            log_pi = completion_token_log_probs(self.model, batch).sum(-1).double()
-        ref = self.reference_log_probs[torch.as_tensor(list(index))].to(log_pi.device)
+            token_log_pi = completion_token_log_probs(self.model, batch)
+            log_pi = token_log_pi.sum(-1).double()
         chosen, rejected = log_pi.chunk(2)
-        lengths_w, lengths_l = batch.completion_mask.sum(-1).chunk(2)
+        lengths_w, lengths_l = (x.to(log_pi.device) for x in batch.completion_mask.sum(-1).chunk(2))
+        if self.reference_free:
+            losses = reference_free_pair_loss(cfg.preference_loss, chosen, rejected, lengths_w, lengths_l, cfg.beta,
+                                              cfg.label_smoothing, cfg.simpo_gamma)
+            if REFERENCE_FREE_LOSSES[cfg.preference_loss]:  # cpo, orpo: + coef * NLL of the chosen tokens
+                coef = cfg.nll_coef if cfg.preference_loss == "cpo" else 1.0
+                mask_w = batch.completion_mask.chunk(2)[0].to(token_log_pi.device)
+                tokens = nll_tokens if nll_tokens is not None else float(mask_w.sum())
+                nll = chosen_nll(token_log_pi.chunk(2)[0].double(), mask_w, tokens)
+                # spread over these pairs: the sum over the batch's pairs / batch_pairs carries coef * NLL per token
+                losses = losses + coef * nll * (batch_pairs or len(index)) / len(index)
+            return losses, chosen, rejected
+        ref = self.reference_log_probs[torch.as_tensor(list(index))].to(log_pi.device)
         log_ratio_w, log_ratio_l = chosen - ref[:, 0], rejected - ref[:, 1]
         losses = preference_loss(log_ratio_w, log_ratio_l, self.divergence, cfg.beta, cfg.preference_loss,
-                                 cfg.label_smoothing, lengths_w.to(log_pi.device), lengths_l.to(log_pi.device))
+                                 cfg.label_smoothing, lengths_w, lengths_l,
+                                 length_alpha=cfg.length_alpha, positive_lambda=cfg.positive_lambda,
+                                 discopop_tau=cfg.discopop_tau)
         return losses, log_ratio_w, log_ratio_l
 
     def pair_metrics(self, losses: torch.Tensor, log_ratio_w: torch.Tensor, log_ratio_l: torch.Tensor,
@@ -152,7 +178,9 @@ class DPOTrainer(OnlineTrainer):
         return {"loss": float(losses.mean()), "rewards/chosen": float(r_w.mean()),
                 "rewards/rejected": float(r_l.mean()), "rewards/margins": float((r_w - r_l).mean()),
                 "rewards/accuracy": float((r_w > r_l).double().mean()),
-                "log_ratio/chosen": float(log_ratio_w.mean()), "log_ratio/rejected": float(log_ratio_l.mean())}
+                # reference-free losses: log pi itself (there is no reference in their loss)
+                f"{'log_pi' if self.reference_free else 'log_ratio'}/chosen": float(log_ratio_w.mean()),
+                f"{'log_pi' if self.reference_free else 'log_ratio'}/rejected": float(log_ratio_l.mean())}
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, Any]:
@@ -167,10 +195,12 @@ class DPOTrainer(OnlineTrainer):
         index = self.step_pairs(step)[self.local_slice()]
         parts: list[tuple[torch.Tensor, ...]] = []
         tokens = 0
+        chosen_tokens = float(sum(len(self.pairs.chosen_ids[j]) for j in index))  # this process's share (NLL)
         with self.timed("backward"):
             for micro, sync in self.accumulation(index, self.micro_pairs):
                 with sync:
-                    losses, log_ratio_w, log_ratio_l = self.pair_losses(micro, grad=True)
+                    losses, log_ratio_w, log_ratio_l = self.pair_losses(micro, grad=True, nll_tokens=chosen_tokens,
+                                                                        batch_pairs=self.local_batch)
                     acc.backward(losses.sum() / self.local_batch)
                 parts.append((losses.detach(), log_ratio_w.detach(), log_ratio_l.detach()))
                 tokens += sum(len(self.pairs.chosen_ids[j]) + len(self.pairs.rejected_ids[j]) for j in micro)

@@ -127,7 +127,7 @@ def test_bad_settings_and_undefined_divergences_are_refused():
         preference_loss(x, x, rkl, 0.1, "kto")
     with pytest.raises(PreferenceLossError, match="in \\[0, 0.5\\)"):
         preference_loss(x, x, rkl, 0.1, "sigmoid", 0.5)
-    with pytest.raises(PreferenceLossError, match="sigmoid and robust"):
+    with pytest.raises(PreferenceLossError, match="used by the sigmoid, robust, exo_pair losses only"):
         preference_loss(x, x, rkl, 0.1, "hinge", 0.1)
     with pytest.raises(PreferenceLossError, match="lengths"):
         preference_loss(x, x, rkl, 0.1, "ipo")
@@ -143,3 +143,39 @@ def test_the_loss_itself_refuses_total_variation(loss):
     n = torch.tensor([3, 4])
     with pytest.raises(PreferenceLossError, match="not defined for this divergence.*strictly increasing"):
         preference_loss(x, -x, get_divergence("tv"), 0.1, loss, chosen_lengths=n, rejected_lengths=n)
+
+
+def test_rdpo_and_dpop_are_their_papers_formulas() -> None:
+    """R-DPO (Park et al. 2024, Eq. 9) and DPO-Positive (Pal et al. 2024, Eq. 3) written out for two pairs."""
+    rkl = get_divergence("rkl")
+    rho_w = torch.tensor([0.4, -0.3], dtype=torch.float64)
+    rho_l = torch.tensor([-0.2, -1.0], dtype=torch.float64)
+    n_w, n_l = torch.tensor([7, 3]), torch.tensor([4, 5])
+    beta, alpha, lam = 0.5, 0.02, 50.0
+
+    def logsig(x: float) -> float:
+        return -math.log1p(math.exp(-x))
+
+    rdpo = preference_loss(rho_w, rho_l, rkl, beta, "rdpo", chosen_lengths=n_w, rejected_lengths=n_l,
+                           length_alpha=alpha)
+    expected = [-logsig(beta * (0.4 + 0.2) - alpha * (7 - 4)), -logsig(beta * (-0.3 + 1.0) - alpha * (3 - 5))]
+    assert rdpo.tolist() == pytest.approx(expected, abs=1e-12)
+    # alpha = 0 is DPO itself
+    torch.testing.assert_close(preference_loss(rho_w, rho_l, rkl, beta, "rdpo", chosen_lengths=n_w,
+                                               rejected_lengths=n_l), preference_loss(rho_w, rho_l, rkl, beta))
+    dpop = preference_loss(rho_w, rho_l, rkl, beta, "dpop", positive_lambda=lam)
+    # pair 1: the chosen response is above the reference (rho_w > 0): no penalty, DPO; pair 2: below, penalised
+    expected = [-logsig(beta * (0.4 + 0.2)), -logsig(beta * (-0.3 + 1.0 - lam * 0.3))]
+    assert dpop.tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_log_ratio_losses_refuse_another_divergence_and_exo_needs_smoothing() -> None:
+    x = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    for loss in ("nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "rdpo", "dpop"):
+        with pytest.raises(PreferenceLossError, match=f"{loss} reads the log-ratios.*no --divergence js form"):
+            preference_loss(x, -x, get_divergence("js"), 0.1, loss, chosen_lengths=torch.tensor([2, 3]),
+                            rejected_lengths=torch.tensor([2, 3]))
+    with pytest.raises(PreferenceLossError, match="exo_pair is the KL to the label.*--label_smoothing in \\(0, 0.5\\)"):
+        preference_loss(x, -x, get_divergence("rkl"), 0.1, "exo_pair")
+    with pytest.raises(PreferenceLossError, match="'sigmoid_norm' reads the response lengths"):
+        preference_loss(x, -x, get_divergence("rkl"), 0.1, "sigmoid_norm")

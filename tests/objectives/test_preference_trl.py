@@ -87,6 +87,24 @@ CASES = [
                  {"divergence": "alpha:0.3", "loss": "hinge"}, id="hinge-alpha0.3"),
     pytest.param({"loss_type": "robust", "label_smoothing": 0.2, "f_divergence_type": "forward_kl"},
                  {"divergence": "fkl", "loss": "robust", "label_smoothing": 0.2}, id="robust0.2-forward_kl"),
+    # the losses TRL 1.16 has beside those (issue 35): on the f-DPO scores ...
+    pytest.param({"loss_type": "exo_pair", "label_smoothing": 0.1},
+                 {"divergence": "rkl", "loss": "exo_pair", "label_smoothing": 0.1}, id="exo_pair0.1-reverse_kl"),
+    pytest.param({"loss_type": "exo_pair", "label_smoothing": 0.2, "f_divergence_type": "js_divergence"},
+                 {"divergence": "js", "loss": "exo_pair", "label_smoothing": 0.2}, id="exo_pair0.2-js_divergence"),
+    pytest.param({"loss_type": "discopop"}, {"divergence": "rkl", "loss": "discopop"}, id="discopop-reverse_kl"),
+    pytest.param({"loss_type": "discopop", "discopop_tau": 0.5, "f_divergence_type": "forward_kl"},
+                 {"divergence": "fkl", "loss": "discopop", "discopop_tau": 0.5}, id="discopop0.5-forward_kl"),
+    pytest.param({"loss_type": "sigmoid_norm"}, {"divergence": "rkl", "loss": "sigmoid_norm"},
+                 id="sigmoid_norm-reverse_kl"),
+    pytest.param({"loss_type": "sigmoid_norm", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5},
+                 {"divergence": "alpha:0.5", "loss": "sigmoid_norm"}, id="sigmoid_norm-alpha0.5"),
+    # ... and on the log-ratios themselves (reverse KL only)
+    pytest.param({"loss_type": "nca_pair"}, {"divergence": "rkl", "loss": "nca_pair"}, id="nca_pair"),
+    pytest.param({"loss_type": "bco_pair"}, {"divergence": "rkl", "loss": "bco_pair"}, id="bco_pair"),
+    pytest.param({"loss_type": "sppo_hard"}, {"divergence": "rkl", "loss": "sppo_hard"}, id="sppo_hard"),
+    pytest.param({"loss_type": "apo_zero"}, {"divergence": "rkl", "loss": "apo_zero"}, id="apo_zero"),
+    pytest.param({"loss_type": "apo_down"}, {"divergence": "rkl", "loss": "apo_down"}, id="apo_down"),
 ]
 
 

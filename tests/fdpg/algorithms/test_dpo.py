@@ -331,3 +331,60 @@ def test_bf16_training_follows_the_fp32_run(tiny_model_dir, tmp_path):
     # measured: 0, 1e-5, 1.5e-3, 1.2e-3, then up to 2.7e-2 as eight updates at lr 3e-2 compound the rounding
     assert max(gaps[:4]) < 5e-3 and max(gaps) < 5e-2, (losses, gaps)
     assert losses["bf16"][-1] < losses["bf16"][0] - 0.1
+
+
+@pytest.mark.parametrize("loss", ["simpo", "cpo", "orpo"])
+def test_reference_free_losses_make_no_reference_pass_and_their_gradient_is_the_formula(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch, loss):
+    """SimPO / CPO / ORPO through the DPO trainer: ``prepare_run`` runs no reference pass, and the step's gradient
+    (three micro-batches of unequal token counts) is the gradient of the papers' batch loss written out here from
+    unpadded forwards: the pair term's mean plus, for CPO and ORPO, the NLL per chosen token of the whole batch."""
+    import torch.nn.functional as F
+
+    trainer = dpo_trainer(tiny_model_dir, tmp_path / "run", preference_loss=loss, micro_batch_size=2, batch_size=6,
+                          heldout_fraction=0.0, eval_every=0, nll_coef=0.7)
+    monkeypatch.setattr(trainer, "reference_pass", lambda: pytest.fail("a reference-free loss ran a reference pass"))
+    trainer.prepare_run()
+    assert trainer.reference_log_probs is None
+    params = dict(trainer._trainable())
+    caught = {}
+
+    def catch() -> None:
+        caught.update({k: p.grad.detach().clone() for k, p in params.items()})
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    trainer.optimizer_step = catch
+    trainer.train_step(0)
+    pairs, index, beta, model = trainer.pairs, trainer.step_pairs(0), 0.5, trainer.model
+    lw = torch.stack([sequence_log_prob(model, pairs.prompt_ids[i], pairs.chosen_ids[i]) for i in index])
+    ll = torch.stack([sequence_log_prob(model, pairs.prompt_ids[i], pairs.rejected_ids[i]) for i in index])
+    nw = torch.tensor([len(pairs.chosen_ids[i]) for i in index], dtype=torch.float64)
+    nl = torch.tensor([len(pairs.rejected_ids[i]) for i in index], dtype=torch.float64)
+    assert len(set(nw.tolist())) > 1  # unequal lengths: a per-micro-batch token mean would differ
+    nll = -lw.sum() / nw.sum()
+    if loss == "simpo":  # Meng et al. 2024, Eq. 6, gamma 0.5
+        batch_loss = -F.logsigmoid(beta * (lw / nw - ll / nl) - 0.5).mean()
+    elif loss == "cpo":  # Xu et al. 2024: the DPO form without a reference, + alpha NLL
+        batch_loss = -F.logsigmoid(beta * (lw - ll)).mean() + 0.7 * nll
+    else:  # Hong et al. 2024: NLL + lambda * -log sigmoid(log odds ratio), odds from the mean token log-prob
+        pw, pl = torch.exp(lw / nw), torch.exp(ll / nl)
+        log_odds = torch.log(pw / (1 - pw)) - torch.log(pl / (1 - pl))
+        batch_loss = nll - beta * F.logsigmoid(log_odds).mean()
+    want = torch.autograd.grad(batch_loss, list(params.values()), allow_unused=True)
+    got = torch.cat([caught[k].flatten() for k in params])
+    want = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(want, params.values())])
+    assert want.norm() > 0
+    torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(preference_loss="simpo", divergence="js"), r"simpo is reference-free.*no --divergence js form"),
+    (dict(preference_loss="orpo", label_smoothing=0.1), r"--label_smoothing is not part of ORPO"),
+    (dict(preference_loss="nca_pair", divergence="fkl"), r"nca_pair reads the log-ratios.*no --divergence fkl form"),
+    (dict(preference_loss="exo_pair"), r"exo_pair is the KL to the label"),
+    (dict(preference_loss="discopop", discopop_tau=0.0), r"--discopop_tau must be positive"),
+    (dict(preference_loss="rdpo", length_alpha=-1.0), r"--length_alpha must be a finite number >= 0"),
+])
+def test_bad_settings_of_the_new_losses_are_refused(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        dpo_config("unused-model", tmp_path, **settings)
