@@ -74,6 +74,29 @@ def sequence_log_prob(model, prompt_ids: list[int], response_ids: list[int]) -> 
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response_ids)[:, None]).sum()
 
 
+def step_gradient(trainer, step: int = 0) -> torch.Tensor:
+    """The flat gradient of the trainer's step ``step``, caught before the optimizer uses it (nothing moves)."""
+    params = dict(trainer._trainable())
+    caught = {}
+
+    def catch() -> None:
+        caught.update({k: p.grad.detach().clone() for k, p in params.items()})
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    trainer.optimizer_step = catch
+    trainer.train_step(step)
+    return torch.cat([caught[k].flatten() for k in params])
+
+
+def assert_gradient_of(loss: torch.Tensor, trainer, got: torch.Tensor) -> None:
+    """``got`` is the gradient of ``loss`` with respect to the trainer's trainable parameters (and not zero)."""
+    params = dict(trainer._trainable())
+    want = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    want = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(want, params.values())])
+    assert want.norm() > 0
+    torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize(("divergence", "checkpointing"), [
     pytest.param("rkl", 0, id="rkl"),  # the fast suite's check of the trainer's gradient
     pytest.param("js", 0, id="js", marks=pytest.mark.slow),
@@ -92,26 +115,14 @@ def test_trainer_gradient_is_the_gradient_of_the_f_dpo_loss(tiny_model_dir, tmp_
                 sequence_log_prob(model, pairs.prompt_ids[i], pairs.rejected_ids[i])) for i in index]
     torch.testing.assert_close(trainer.reference_log_probs[index], torch.tensor(ref, dtype=torch.float64),
                                atol=1e-5, rtol=0)
-    # the step's gradient, caught before the optimizer uses it
-    caught = {}
-
-    def catch() -> None:
-        caught.update({k: p.grad.detach().clone() for k, p in params.items()})
-        trainer.optimizer.zero_grad(set_to_none=True)
-
-    trainer.optimizer_step = catch
-    trainer.train_step(0)
+    got = step_gradient(trainer)
     for k, p in params.items():  # nothing moved
         assert torch.equal(p.detach(), initial[k])
     lw = torch.stack([sequence_log_prob(model, pairs.prompt_ids[i], pairs.chosen_ids[i]) for i in index])
     ll = torch.stack([sequence_log_prob(model, pairs.prompt_ids[i], pairs.rejected_ids[i]) for i in index])
     ref_t = torch.tensor(ref, dtype=torch.float64)
     loss = preference_loss(lw - ref_t[:, 0], ll - ref_t[:, 1], get_divergence(divergence), 0.5).mean()
-    want = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    got = torch.cat([caught[k].flatten() for k in params])
-    want = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(want, params.values())])
-    assert want.norm() > 0
-    torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=1e-4)
+    assert_gradient_of(loss, trainer, got)
 
 
 @pytest.mark.slow
@@ -346,15 +357,7 @@ def test_reference_free_losses_make_no_reference_pass_and_their_gradient_is_the_
     monkeypatch.setattr(trainer, "reference_pass", lambda: pytest.fail("a reference-free loss ran a reference pass"))
     trainer.prepare_run()
     assert trainer.reference_log_probs is None
-    params = dict(trainer._trainable())
-    caught = {}
-
-    def catch() -> None:
-        caught.update({k: p.grad.detach().clone() for k, p in params.items()})
-        trainer.optimizer.zero_grad(set_to_none=True)
-
-    trainer.optimizer_step = catch
-    trainer.train_step(0)
+    got = step_gradient(trainer)
     pairs, index, beta, model = trainer.pairs, trainer.step_pairs(0), 0.5, trainer.model
     lw = torch.stack([sequence_log_prob(model, pairs.prompt_ids[i], pairs.chosen_ids[i]) for i in index])
     ll = torch.stack([sequence_log_prob(model, pairs.prompt_ids[i], pairs.rejected_ids[i]) for i in index])
@@ -370,11 +373,7 @@ def test_reference_free_losses_make_no_reference_pass_and_their_gradient_is_the_
         pw, pl = torch.exp(lw / nw), torch.exp(ll / nl)
         log_odds = torch.log(pw / (1 - pw)) - torch.log(pl / (1 - pl))
         batch_loss = nll - beta * F.logsigmoid(log_odds).mean()
-    want = torch.autograd.grad(batch_loss, list(params.values()), allow_unused=True)
-    got = torch.cat([caught[k].flatten() for k in params])
-    want = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(want, params.values())])
-    assert want.norm() > 0
-    torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=1e-4)
+    assert_gradient_of(batch_loss, trainer, got)
 
 
 @pytest.mark.parametrize(("settings", "message"), [
