@@ -41,9 +41,46 @@ def load_preferences(source: str, split: str = "train"):
     """The ``datasets.Dataset`` of ``source``: a JSON/JSONL/CSV/Parquet file, a directory saved with
     ``save_to_disk`` (its ``split`` when it holds several) or a hub dataset name; rows are checked
     (:func:`check_preferences`)."""
-    data = load_dataset_source(source, split, flag="--preferences")
+    data = extract_implicit_prompts(load_dataset_source(source, split, flag="--preferences"))
     check_preferences(data, source)
     return data
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def split_shared_prefix(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """``(prompt, chosen, rejected)`` from two responses that repeat their prompt: the longest common prefix of the
+    two (characters of two texts, a space before the first difference left to the responses; or whole messages of
+    two conversations) is the prompt, as TRL's ``extract_prompt`` does."""
+    n = min(len(chosen), len(rejected))
+    cut = next((i for i in range(n) if chosen[i] != rejected[i]), n)
+    if isinstance(chosen, str) and 0 < cut < len(chosen) and chosen[cut - 1] == " ":
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def extract_implicit_prompts(data):
+    """Public preference sets' shapes, read as TRL reads them: with no ``prompt`` column (Anthropic HH: full
+    dialogues that share the prompt as a prefix), or with a text ``prompt`` beside ``chosen``/``rejected``
+    conversations that repeat the user's turn (UltraFeedback binarized), the prompt is the shared prefix of the two
+    responses (:func:`split_shared_prefix`). Other data is returned as it is."""
+    columns = data.column_names
+    if "chosen" not in columns or "rejected" not in columns or len(data) == 0:
+        return data
+    first = data[0]
+    if "prompt" in columns and _is_conversation(first["prompt"]) == _is_conversation(first["chosen"]):
+        return data  # explicit prompts, of the responses' kind
+    if "prompt" in columns and not split_shared_prefix(first["chosen"], first["rejected"])[0]:
+        return data  # a text prompt and responses that do not repeat it (assistant turns only): read as they are
+
+    def extract(row: dict[str, Any]) -> dict[str, Any]:
+        prompt, chosen, rejected = split_shared_prefix(row["chosen"], row["rejected"])
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    removed = [c for c in ("prompt",) if c in columns]
+    return data.remove_columns(removed).map(extract, desc="prompts from the responses' shared prefix")
 
 
 def load_dataset_source(source: str, split: str = "train", flag: str = "--data",

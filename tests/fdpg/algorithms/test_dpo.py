@@ -387,3 +387,35 @@ def test_reference_free_losses_make_no_reference_pass_and_their_gradient_is_the_
 def test_bad_settings_of_the_new_losses_are_refused(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         dpo_config("unused-model", tmp_path, **settings)
+
+
+def test_hh_and_ultrafeedback_shaped_files_take_the_shared_prefix_as_the_prompt(tmp_path, tiny_tokenizer):
+    """Issue 35's two public shapes, 8-row files: HH (full dialogues ``chosen``/``rejected`` sharing the prompt, no
+    ``prompt`` column) and UltraFeedback binarized (a text ``prompt``, message lists that repeat the user turn). The
+    prompt is the responses' shared prefix, as TRL's extract_prompt takes it."""
+    import copy
+
+    from fdpg.preferences import load_preferences
+
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text("".join(json.dumps({
+        "chosen": f"\n\nHuman: question {i}?\n\nAssistant: a good answer {i}",
+        "rejected": f"\n\nHuman: question {i}?\n\nAssistant: bad {i}"}) + "\n" for i in range(8)))
+    data = load_preferences(str(hh))
+    assert data[3] == {"prompt": "\n\nHuman: question 3?\n\nAssistant:", "chosen": " a good answer 3",
+                       "rejected": " bad 3"}
+    uf = tmp_path / "uf.jsonl"
+    uf.write_text("".join(json.dumps({
+        "prompt": f"say {i}",
+        "chosen": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} it is"}],
+        "rejected": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": "no"}],
+        "score_chosen": 8.0, "score_rejected": 2.0}) + "\n" for i in range(8)))
+    data = load_preferences(str(uf))
+    assert data[5]["prompt"] == [{"role": "user", "content": "say 5"}]
+    assert data[5]["chosen"] == [{"role": "assistant", "content": "5 it is"}]
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    pairs = tokenize_pairs(data, tok, None)
+    assert pairs.prompts[5] == "<user>say 5\n<assistant>" and pairs.chosen[5] == "5 it is\n"
+    assert pairs.rejected[5] == "no\n"
