@@ -184,6 +184,9 @@ class TrainConfig:
                 "apo_zero, apo_down, rdpo (R-DPO, --length_alpha), dpop (DPO-Positive, --positive_lambda); or, "
                 "reference-free (no reference pass), simpo (--simpo_gamma), cpo (--nll_coef), orpo (beta is its "
                 "lambda); see objectives.preference and objectives.reference_free."})
+    preference_loss_weights: str = field(default="", metadata={
+        "help": "DPO: weights of the losses of a combined --preference_loss (e.g. 'sigmoid,sft' with '0.8,0.2', as "
+                "MPO; default 1 each, as TRL); sft is the chosen responses' NLL per token."})
     length_alpha: float = field(default=0.0, metadata={
         "help": "DPO --preference_loss rdpo: the margin's charge per token the chosen response is longer (R-DPO)."})
     positive_lambda: float = field(default=50.0, metadata={
@@ -319,6 +322,26 @@ class TrainConfig:
               or self.vllm_enforce_eager is not False or self.vllm_tensor_parallel_size != 1):  # (1.0 == 1: no `in`)
             raise ValueError("the --vllm_* settings are for --generation vllm; add it or drop them")
 
+    def preference_losses(self) -> list[tuple[str, float]]:
+        """``--preference_loss A,B --preference_loss_weights wA,wB`` as ``[(A, wA), (B, wB)]`` (weights 1 by default,
+        as TRL's ``loss_type`` list and ``loss_weights``: MPO's combinations); ``sft`` is the chosen responses'
+        NLL per token of the batch."""
+        names = [n.strip() for n in str(self.preference_loss).split(",") if n.strip()]
+        if not names:
+            raise ValueError("--preference_loss is empty: name a loss (see fdpg train --help)")
+        if self.preference_loss_weights.strip():
+            try:
+                weights = [float(w) for w in self.preference_loss_weights.split(",")]
+            except ValueError as exc:
+                raise ValueError(f"--preference_loss_weights must be numbers separated by commas, got "
+                                 f"{self.preference_loss_weights!r}") from exc
+            if len(weights) != len(names) or not all(math.isfinite(w) and w >= 0 for w in weights):
+                raise ValueError(f"--preference_loss_weights {self.preference_loss_weights!r}: give one finite weight "
+                                 f">= 0 per loss of --preference_loss {self.preference_loss!r}")
+        else:
+            weights = [1.0] * len(names)
+        return list(zip(names, weights))
+
     def vllm_settings(self):
         """The vLLM engine's settings of this run (:class:`fdpg.vllm_generation.VLLMSettings`)."""
         from fdpg.vllm_generation import VLLMSettings
@@ -375,6 +398,13 @@ class TrainConfig:
                              f"{problem}; use rkl (DPO), fkl, js or alpha:A")
         from objectives.reference_free import REFERENCE_FREE_LOSSES
 
+        losses = [name for name, _ in self.preference_losses()]  # also checks names against weights
+        if len(losses) > 1 and set(losses) & set(REFERENCE_FREE_LOSSES):
+            raise ValueError(f"--preference_loss {self.preference_loss}: a reference-free loss "
+                             f"({', '.join(REFERENCE_FREE_LOSSES)}) is not combined with others; give it alone")
+        if losses == ["sft"]:
+            raise ValueError("--preference_loss sft alone is supervised fine-tuning on the chosen responses: use "
+                             "--algo sft, or combine it (--preference_loss sigmoid,sft, as MPO)")
         if self.preference_loss in REFERENCE_FREE_LOSSES:
             if self.divergence != "rkl":
                 raise ValueError(f"--preference_loss {self.preference_loss} is reference-free: it reads no "
@@ -386,8 +416,9 @@ class TrainConfig:
             if not (math.isfinite(self.beta) and self.beta > 0):
                 raise ValueError(f"--beta must be a positive number, got {self.beta!r}")
         else:
-            check_preference_settings(self.preference_loss, self.beta, self.label_smoothing,
-                                      get_divergence(self.divergence))
+            for name in losses:
+                if name != "sft":
+                    check_preference_settings(name, self.beta, self.label_smoothing, get_divergence(self.divergence))
         for name in ("length_alpha", "positive_lambda", "discopop_tau", "simpo_gamma", "nll_coef"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

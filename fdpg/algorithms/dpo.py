@@ -138,9 +138,10 @@ class DPOTrainer(OnlineTrainer):
                     batch_pairs: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-pair loss, and the log-ratios :math:`\\log\\frac{\\pi_\\theta}{\\pi_{ref}}` of the chosen and rejected
         responses (reference-free losses: :math:`\\log\\pi_\\theta` itself), from one forward pass of ``self.model``
-        over both (graph kept when ``grad``). CPO and ORPO add their NLL term to each pair's loss as its share of
-        the chosen tokens' NLL divided by ``nll_tokens``, the chosen tokens of the ``batch_pairs`` pairs whose mean
-        loss is taken (default: these pairs), so that the batch's mean loss carries the NLL per chosen token."""
+        over both (graph kept when ``grad``). CPO, ORPO and a combined ``sft`` term add an NLL term to each pair's
+        loss as its share of the chosen tokens' NLL divided by ``nll_tokens``, the chosen tokens of the
+        ``batch_pairs`` pairs whose mean loss is taken (default: these pairs), so that the batch's mean loss carries
+        the NLL per chosen token."""
         cfg = self.config
         batch = self.pairs.as_batch(index, self.pad_id)
         with (nullcontext() if grad else torch.no_grad()), self.accelerator.autocast():
@@ -148,23 +149,31 @@ class DPOTrainer(OnlineTrainer):
             log_pi = token_log_pi.sum(-1).double()
         chosen, rejected = log_pi.chunk(2)
         lengths_w, lengths_l = (x.to(log_pi.device) for x in batch.completion_mask.sum(-1).chunk(2))
+
+        def nll_share() -> torch.Tensor:
+            """Each pair's share of the chosen tokens' NLL per token of the batch: summed over the batch's pairs and
+            divided by ``batch_pairs``, it is the NLL per chosen token however the batch is micro-batched."""
+            mask_w = batch.completion_mask.chunk(2)[0].to(token_log_pi.device)
+            tokens = nll_tokens if nll_tokens is not None else float(mask_w.sum())
+            nll = chosen_nll(token_log_pi.chunk(2)[0].double(), mask_w, tokens)
+            return nll * (batch_pairs or len(index)) / len(index)
+
         if self.reference_free:
             losses = reference_free_pair_loss(cfg.preference_loss, chosen, rejected, lengths_w, lengths_l, cfg.beta,
                                               cfg.label_smoothing, cfg.simpo_gamma)
             if REFERENCE_FREE_LOSSES[cfg.preference_loss]:  # cpo, orpo: + coef * NLL of the chosen tokens
-                coef = cfg.nll_coef if cfg.preference_loss == "cpo" else 1.0
-                mask_w = batch.completion_mask.chunk(2)[0].to(token_log_pi.device)
-                tokens = nll_tokens if nll_tokens is not None else float(mask_w.sum())
-                nll = chosen_nll(token_log_pi.chunk(2)[0].double(), mask_w, tokens)
-                # spread over these pairs: the sum over the batch's pairs / batch_pairs carries coef * NLL per token
-                losses = losses + coef * nll * (batch_pairs or len(index)) / len(index)
+                losses = losses + (cfg.nll_coef if cfg.preference_loss == "cpo" else 1.0) * nll_share()
             return losses, chosen, rejected
         ref = self.reference_log_probs[torch.as_tensor(list(index))].to(log_pi.device)
         log_ratio_w, log_ratio_l = chosen - ref[:, 0], rejected - ref[:, 1]
-        losses = preference_loss(log_ratio_w, log_ratio_l, self.divergence, cfg.beta, cfg.preference_loss,
-                                 cfg.label_smoothing, lengths_w, lengths_l,
-                                 length_alpha=cfg.length_alpha, positive_lambda=cfg.positive_lambda,
-                                 discopop_tau=cfg.discopop_tau)
+        losses = torch.zeros_like(log_ratio_w)
+        for name, weight in cfg.preference_losses():  # one loss, or a weighted combination (MPO)
+            if name == "sft":
+                losses = losses + weight * nll_share()
+                continue
+            losses = losses + weight * preference_loss(
+                log_ratio_w, log_ratio_l, self.divergence, cfg.beta, name, cfg.label_smoothing, lengths_w, lengths_l,
+                length_alpha=cfg.length_alpha, positive_lambda=cfg.positive_lambda, discopop_tau=cfg.discopop_tau)
         return losses, log_ratio_w, log_ratio_l
 
     def pair_metrics(self, losses: torch.Tensor, log_ratio_w: torch.Tensor, log_ratio_l: torch.Tensor,

@@ -178,3 +178,33 @@ def test_preference_loss_matches_trl_dpo_trainer(trl_settings, our_settings, tin
     assert metrics["rewards/chosen"][-1] == pytest.approx(BETA * chosen_log_ratio.mean().item(), abs=TOLERANCE)
 
     assert abs(ours - trl_loss) < TOLERANCE, f"ours {ours!r} vs TRL {trl_loss!r} (diff {abs(ours - trl_loss):.3g})"
+
+
+@pytest.mark.parametrize(("losses", "weights"), [
+    pytest.param(["sigmoid", "sft"], [0.8, 0.2], id="sigmoid+sft"),
+    pytest.param(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], id="mpo"),  # MPO's own combination
+])
+def test_weighted_combinations_and_sft_match_trl(losses, weights, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """TRL's ``loss_type`` list with ``loss_weights`` (MPO) and its ``sft`` term (the chosen responses' NLL per
+    token of the batch): ours, the weighted sum of ``preference_loss`` means and :func:`chosen_nll`."""
+    from objectives.reference_free import chosen_nll
+
+    policy, reference = _perturbed_llama(tiny_model_dir, seed=1), _perturbed_llama(tiny_model_dir, seed=2)
+    policy64, reference64 = copy.deepcopy(policy).double(), copy.deepcopy(reference).double()
+    trl_loss, batch, _ = _trl_loss(policy, reference, copy.deepcopy(tiny_tokenizer), tmp_path,
+                                   {"loss_type": losses, "loss_weights": weights})
+    log_ratios = _sequence_logps(policy64, batch) - _sequence_logps(reference64, batch)
+    chosen_log_ratio, rejected_log_ratio = log_ratios.chunk(2)
+    input_ids, mask = batch["input_ids"], batch["completion_mask"][:, 1:].bool()
+    with torch.no_grad():
+        logits = policy64(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits.double()
+    token = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    ours = 0.0
+    for name, weight in zip(losses, weights):
+        if name == "sft":
+            chosen_mask = mask.chunk(2)[0]
+            ours += weight * float(chosen_nll(token.chunk(2)[0], chosen_mask, float(chosen_mask.sum())))
+        else:
+            ours += weight * float(preference_loss(chosen_log_ratio, rejected_log_ratio, get_divergence("rkl"), BETA,
+                                                   name).mean())
+    assert abs(ours - trl_loss) < TOLERANCE, f"ours {ours!r} vs TRL {trl_loss!r}"

@@ -419,3 +419,28 @@ def test_hh_and_ultrafeedback_shaped_files_take_the_shared_prefix_as_the_prompt(
     pairs = tokenize_pairs(data, tok, None)
     assert pairs.prompts[5] == "<user>say 5\n<assistant>" and pairs.chosen[5] == "5 it is\n"
     assert pairs.rejected[5] == "no\n"
+
+
+def test_a_weighted_combination_with_sft_is_the_weighted_sum_of_its_terms(tiny_model_dir, tmp_path):
+    """``--preference_loss sigmoid,sft --preference_loss_weights 0.8,0.2`` (MPO's form): the step's gradient, through
+    micro-batches of unequal token counts, is that of 0.8 x DPO's mean + 0.2 x the NLL per chosen token of the batch."""
+    import torch.nn.functional as F
+
+    trainer = dpo_trainer(tiny_model_dir, tmp_path / "run", preference_loss="sigmoid,sft",
+                          preference_loss_weights="0.8,0.2", micro_batch_size=2, batch_size=6, heldout_fraction=0.0,
+                          eval_every=0)
+    trainer.reference_log_probs = trainer.reference_pass()
+    got = step_gradient(trainer)
+    pairs, index, model = trainer.pairs, trainer.step_pairs(0), trainer.model
+    lw = torch.stack([sequence_log_prob(model, pairs.prompt_ids[i], pairs.chosen_ids[i]) for i in index])
+    ll = torch.stack([sequence_log_prob(model, pairs.prompt_ids[i], pairs.rejected_ids[i]) for i in index])
+    ref = trainer.reference_log_probs[index]
+    n_w = sum(len(pairs.chosen_ids[i]) for i in index)
+    loss = 0.8 * -F.logsigmoid(0.5 * ((lw - ref[:, 0]) - (ll - ref[:, 1]))).mean() + 0.2 * (-lw.sum() / n_w)
+    assert_gradient_of(loss, trainer, got)
+    with pytest.raises(ValueError, match="one finite weight >= 0 per loss"):
+        dpo_config("m", tmp_path, preference_loss="sigmoid,sft", preference_loss_weights="1")
+    with pytest.raises(ValueError, match="sft alone is supervised fine-tuning"):
+        dpo_config("m", tmp_path, preference_loss="sft")
+    with pytest.raises(ValueError, match="reference-free loss .* is not combined"):
+        dpo_config("m", tmp_path, preference_loss="simpo,sft")
