@@ -402,6 +402,11 @@ class TrainConfig:
         if len(losses) > 1 and set(losses) & set(REFERENCE_FREE_LOSSES):
             raise ValueError(f"--preference_loss {self.preference_loss}: a reference-free loss "
                              f"({', '.join(REFERENCE_FREE_LOSSES)}) is not combined with others; give it alone")
+        from objectives.preference import BATCH_LOSSES
+
+        if len(losses) > 1 and set(losses) & set(BATCH_LOSSES):
+            raise ValueError(f"--preference_loss {self.preference_loss}: {', '.join(BATCH_LOSSES)} sort over the "
+                             "batch and are not combined with others here; give one alone")
         if losses == ["sft"]:
             raise ValueError("--preference_loss sft alone is supervised fine-tuning on the chosen responses: use "
                              "--algo sft, or combine it (--preference_loss sigmoid,sft, as MPO)")

@@ -34,6 +34,15 @@ Per-pair losses (:func:`preference_loss`, ``loss=``):
   logistic and the exponential loss;
 - ``sigmoid_norm``: DPO on the length-normalised scores, :math:`-\log\sigma(\beta(s_w/|y_w| - s_l/|y_l|))`.
 
+Losses of the whole batch (reverse KL only; the log-ratios sorted over the batch, so a pair's loss depends on the
+others: :func:`batch_preference_loss`), AOT (Melnyk et al. 2024, distributional alignment by optimal transport):
+
+- ``aot``: :math:`\delta_{(i)} = \mathrm{sort}(\log\pi(y_w) - \log\pi(y_l))_i - \mathrm{sort}(\log\pi_{ref}(y_w) -
+  \log\pi_{ref}(y_l))_i`, then the (smoothed) logistic loss of :math:`\beta\delta_{(i)}`: the policy's margins
+  dominate the reference's in distribution (first-order stochastic dominance), not pair by pair;
+- ``aot_unpaired``: :math:`\delta_{(i)} = \mathrm{sort}(\rho_w)_i - \mathrm{sort}(\rho_l)_i`, the chosen log-ratios'
+  distribution against the rejected ones'.
+
 Losses of the log-ratios themselves (reverse KL only: they do not read :math:`f'`, so another divergence is refused),
 with :math:`\rho = \log\frac{\pi_\theta}{\pi_{ref}}`:
 
@@ -73,13 +82,16 @@ from objectives.errors import ObjectiveError
 
 #: The per-pair losses of :func:`preference_loss`.
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "discopop", "sigmoid_norm", "nca_pair",
-                     "bco_pair", "sppo_hard", "apo_zero", "apo_down", "rdpo", "dpop")
+                     "bco_pair", "sppo_hard", "apo_zero", "apo_down", "rdpo", "dpop", "aot", "aot_unpaired")
 #: Losses that read the log-ratios themselves, not the f-DPO scores: reverse KL only.
-LOG_RATIO_LOSSES = ("nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "rdpo", "dpop")
+LOG_RATIO_LOSSES = ("nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "rdpo", "dpop", "aot",
+                    "aot_unpaired")
 #: Losses that normalise by the responses' token counts (``chosen_lengths``/``rejected_lengths`` needed).
 LENGTH_LOSSES = ("ipo", "sigmoid_norm", "rdpo")
+#: Losses of the whole batch (:func:`batch_preference_loss`): a pair's value depends on the batch's other pairs.
+BATCH_LOSSES = ("aot", "aot_unpaired")
 #: Losses that read ``label_smoothing``.
-SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair")
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
 
 
 class PreferenceLossError(ObjectiveError):
@@ -134,6 +146,8 @@ def preference_loss(
         raise PreferenceLossError(f"loss {loss!r} reads the response lengths: pass chosen_lengths and "
                                   "rejected_lengths (token counts)")
     rho_w, rho_l, eps = chosen_log_ratio, rejected_log_ratio, label_smoothing
+    if loss in BATCH_LOSSES:
+        raise PreferenceLossError(f"loss {loss!r} sorts over the batch: use batch_preference_loss")
     if loss in LOG_RATIO_LOSSES:
         if loss == "nca_pair":
             return (-F.logsigmoid(beta * rho_w) - 0.5 * F.logsigmoid(-beta * rho_w)
@@ -166,6 +180,28 @@ def preference_loss(
         mix = torch.sigmoid(z / discopop_tau)
         return -F.logsigmoid(z) * (1.0 - mix) + torch.exp(-z) * mix
     return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)  # robust
+
+
+def batch_preference_loss(loss: str, chosen_log_ratio: torch.Tensor, rejected_log_ratio: torch.Tensor, beta: float,
+                          label_smoothing: float = 0.0, reference_chosen: torch.Tensor | None = None,
+                          reference_rejected: torch.Tensor | None = None) -> torch.Tensor:
+    r"""``[N]`` the losses of :data:`BATCH_LOSSES` over a batch of ``N`` pairs (module docstring); ``aot`` also
+    needs the reference's sequence log-probabilities (``reference_chosen``, ``reference_rejected``). The
+    :math:`i`-th value belongs to the :math:`i`-th smallest margin, not to pair :math:`i`: only the mean is a loss."""
+    check_preference_settings(loss, beta, label_smoothing)
+    if loss not in BATCH_LOSSES:
+        raise PreferenceLossError(f"batch_preference_loss: {loss!r} is not a batch loss ({', '.join(BATCH_LOSSES)})")
+    if loss == "aot":
+        if reference_chosen is None or reference_rejected is None:
+            raise PreferenceLossError("loss 'aot' sorts the policy's and the reference's margins: pass "
+                                      "reference_chosen and reference_rejected (sequence log-probabilities)")
+        ref_margin = reference_chosen.to(chosen_log_ratio) - reference_rejected.to(chosen_log_ratio)
+        margin = chosen_log_ratio - rejected_log_ratio + ref_margin  # log pi(y_w) - log pi(y_l)
+        delta = torch.sort(margin, dim=0).values - torch.sort(ref_margin, dim=0).values
+    else:
+        delta = torch.sort(chosen_log_ratio, dim=0).values - torch.sort(rejected_log_ratio, dim=0).values
+    z = beta * delta
+    return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
 def implicit_rewards(log_ratio: torch.Tensor, divergence: Divergence, beta: float) -> torch.Tensor:

@@ -37,7 +37,7 @@ from fdpg.engine import EpochBatches, OnlineTrainer
 from fdpg.log_probs import completion_token_log_probs
 from fdpg.preferences import TokenizedPairs, split_pairs
 from objectives import get_divergence
-from objectives.preference import f_dpo_problem, implicit_rewards, preference_loss
+from objectives.preference import BATCH_LOSSES, batch_preference_loss, f_dpo_problem, implicit_rewards, preference_loss
 from objectives.reference_free import REFERENCE_FREE_LOSSES, chosen_nll, reference_free_pair_loss
 
 #: The run directory's file of the reference's log-probabilities of every pair (``[N, 2]``: chosen, rejected).
@@ -171,6 +171,10 @@ class DPOTrainer(OnlineTrainer):
             if name == "sft":
                 losses = losses + weight * nll_share()
                 continue
+            if name in BATCH_LOSSES:  # sorted over these pairs (the training step sorts over its whole batch)
+                losses = losses + weight * batch_preference_loss(name, log_ratio_w, log_ratio_l, cfg.beta,
+                                                                 cfg.label_smoothing, ref[:, 0], ref[:, 1])
+                continue
             losses = losses + weight * preference_loss(
                 log_ratio_w, log_ratio_l, self.divergence, cfg.beta, name, cfg.label_smoothing, lengths_w, lengths_l,
                 length_alpha=cfg.length_alpha, positive_lambda=cfg.positive_lambda, discopop_tau=cfg.discopop_tau)
@@ -206,7 +210,10 @@ class DPOTrainer(OnlineTrainer):
         tokens = 0
         chosen_tokens = float(sum(len(self.pairs.chosen_ids[j]) for j in index))  # this process's share (NLL)
         with self.timed("backward"):
-            for micro, sync in self.accumulation(index, self.micro_pairs):
+            if cfg.preference_loss in BATCH_LOSSES:
+                parts = [self.batch_loss_backward(index)]
+                tokens = sum(len(self.pairs.chosen_ids[j]) + len(self.pairs.rejected_ids[j]) for j in index)
+            for micro, sync in ([] if parts else self.accumulation(index, self.micro_pairs)):
                 with sync:
                     losses, log_ratio_w, log_ratio_l = self.pair_losses(micro, grad=True, nll_tokens=chosen_tokens,
                                                                         batch_pairs=self.local_batch)
@@ -224,6 +231,31 @@ class DPOTrainer(OnlineTrainer):
         metrics.update({"lr": lr, "grad_norm": grad_norm, "epoch": (step + 1) * cfg.batch_size / len(self.train_index)})
         self._tokens_this_step += int(self.gather(torch.tensor([tokens])).sum())
         return self.finish_metrics(metrics, started)
+
+    def batch_loss_backward(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backpropagate a loss of the whole batch (:data:`objectives.preference.BATCH_LOSSES`, sorted over the
+        batch) however it is micro-batched: a no-grad pass gives every pair's log-ratios :math:`\\rho`, autograd
+        gives :math:`\\partial L/\\partial\\rho` of the batch loss :math:`L(\\rho)`, and each micro-batch then
+        backpropagates :math:`\\sum_i \\frac{\\partial L}{\\partial\\rho_i}\\rho_i(\\theta)`: the chain rule, the exact
+        gradient, for one extra forward pass. Returns the batch's losses and log-ratios."""
+        cfg, acc = self.config, self.accelerator
+        columns = [self.pair_losses(index[lo:lo + self.micro_pairs], grad=False)[1:]
+                   for lo in range(0, len(index), self.micro_pairs)]
+        rho_w = torch.cat([c[0] for c in columns]).detach().requires_grad_(True)
+        rho_l = torch.cat([c[1] for c in columns]).detach().requires_grad_(True)
+        ref = self.reference_log_probs[torch.as_tensor(list(index))].to(rho_w.device)
+        losses = batch_preference_loss(cfg.preference_loss, rho_w, rho_l, cfg.beta, cfg.label_smoothing,
+                                       ref[:, 0], ref[:, 1])
+        grad_w, grad_l = torch.autograd.grad(losses.sum() / self.local_batch, [rho_w, rho_l])
+        offset = 0
+        for micro, sync in self.accumulation(index, self.micro_pairs):
+            with sync:
+                _, log_ratio_w, log_ratio_l = self.pair_losses(micro, grad=True)
+                k = slice(offset, offset + len(micro))
+                acc.backward((grad_w[k].to(log_ratio_w) * log_ratio_w).sum()
+                             + (grad_l[k].to(log_ratio_l) * log_ratio_l).sum())
+            offset += len(micro)
+        return losses.detach(), rho_w.detach(), rho_l.detach()
 
     def _evaluates(self, step: int) -> bool:
         every = self.config.eval_every

@@ -127,7 +127,7 @@ def test_bad_settings_and_undefined_divergences_are_refused():
         preference_loss(x, x, rkl, 0.1, "kto")
     with pytest.raises(PreferenceLossError, match="in \\[0, 0.5\\)"):
         preference_loss(x, x, rkl, 0.1, "sigmoid", 0.5)
-    with pytest.raises(PreferenceLossError, match="used by the sigmoid, robust, exo_pair losses only"):
+    with pytest.raises(PreferenceLossError, match="used by the sigmoid, robust, exo_pair, aot, aot_unpaired losses only"):
         preference_loss(x, x, rkl, 0.1, "hinge", 0.1)
     with pytest.raises(PreferenceLossError, match="lengths"):
         preference_loss(x, x, rkl, 0.1, "ipo")
@@ -179,3 +179,27 @@ def test_log_ratio_losses_refuse_another_divergence_and_exo_needs_smoothing() ->
         preference_loss(x, -x, get_divergence("rkl"), 0.1, "exo_pair")
     with pytest.raises(PreferenceLossError, match="'sigmoid_norm' reads the response lengths"):
         preference_loss(x, -x, get_divergence("rkl"), 0.1, "sigmoid_norm")
+
+
+def test_aot_sorts_the_policys_and_the_references_margins_separately() -> None:
+    """AOT (Melnyk et al. 2024) on three pairs whose policy and reference margins rank differently, by hand:
+    policy margins (log pi_w - log pi_l) [2, -1, 0.5] sort to [-1, 0.5, 2], the reference's [0, 1, -2] to [-2, 0, 1];
+    delta = [1, 0.5, 1]."""
+    from objectives.preference import batch_preference_loss
+
+    ref_w = torch.tensor([-3.0, -2.0, -4.0], dtype=torch.float64)
+    ref_l = torch.tensor([-3.0, -3.0, -2.0], dtype=torch.float64)   # reference margins [0, 1, -2]
+    pol_w = torch.tensor([-1.0, -3.0, -2.5], dtype=torch.float64)
+    pol_l = torch.tensor([-3.0, -2.0, -3.0], dtype=torch.float64)   # policy margins [2, -1, 0.5]
+    beta = 0.5
+
+    def softplus(x: float) -> float:  # -log sigmoid(-x)
+        return math.log1p(math.exp(x))
+
+    got = batch_preference_loss("aot", pol_w - ref_w, pol_l - ref_l, beta, 0.0, ref_w, ref_l)
+    assert got.tolist() == pytest.approx([softplus(-beta * d) for d in (1.0, 0.5, 1.0)], abs=1e-12)
+    # unpaired: chosen log-ratios [2, -1, 1.5] sort to [-1, 1.5, 2], rejected [0, 1, -1] to [-1, 0, 1]
+    got = batch_preference_loss("aot_unpaired", pol_w - ref_w, pol_l - ref_l, beta)
+    assert got.tolist() == pytest.approx([softplus(-beta * d) for d in (0.0, 1.5, 1.0)], abs=1e-12)
+    with pytest.raises(PreferenceLossError, match="sorts over the batch"):
+        preference_loss(pol_w - ref_w, pol_l - ref_l, get_divergence("rkl"), beta, "aot")

@@ -208,3 +208,23 @@ def test_weighted_combinations_and_sft_match_trl(losses, weights, tiny_model_dir
             ours += weight * float(preference_loss(chosen_log_ratio, rejected_log_ratio, get_divergence("rkl"), BETA,
                                                    name).mean())
     assert abs(ours - trl_loss) < TOLERANCE, f"ours {ours!r} vs TRL {trl_loss!r}"
+
+
+@pytest.mark.parametrize("trl_settings", [
+    pytest.param({"loss_type": "aot"}, id="aot"),
+    pytest.param({"loss_type": "aot", "label_smoothing": 0.1}, id="aot-smoothed"),
+    pytest.param({"loss_type": "aot_unpaired"}, id="aot_unpaired"),
+    pytest.param({"loss_type": "aot_unpaired", "label_smoothing": 0.2}, id="aot_unpaired-smoothed"),
+])
+def test_batch_losses_match_trl(trl_settings, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """AOT's losses sort over the batch: ``batch_preference_loss`` on the batch TRL collated equals TRL's."""
+    from objectives.preference import batch_preference_loss
+
+    policy, reference = _perturbed_llama(tiny_model_dir, seed=1), _perturbed_llama(tiny_model_dir, seed=2)
+    policy64, reference64 = copy.deepcopy(policy).double(), copy.deepcopy(reference).double()
+    trl_loss, batch, _ = _trl_loss(policy, reference, copy.deepcopy(tiny_tokenizer), tmp_path, trl_settings)
+    ref_w, ref_l = _sequence_logps(reference64, batch).chunk(2)
+    pol_w, pol_l = _sequence_logps(policy64, batch).chunk(2)
+    ours = batch_preference_loss(trl_settings["loss_type"], pol_w - ref_w, pol_l - ref_l, BETA,
+                                 trl_settings.get("label_smoothing", 0.0), ref_w, ref_l).mean().item()
+    assert abs(ours - trl_loss) < TOLERANCE, f"ours {ours!r} vs TRL {trl_loss!r}"

@@ -444,3 +444,25 @@ def test_a_weighted_combination_with_sft_is_the_weighted_sum_of_its_terms(tiny_m
         dpo_config("m", tmp_path, preference_loss="sft")
     with pytest.raises(ValueError, match="reference-free loss .* is not combined"):
         dpo_config("m", tmp_path, preference_loss="simpo,sft")
+
+
+@pytest.mark.parametrize("loss", ["aot", "aot_unpaired"])
+def test_a_loss_sorted_over_the_batch_gets_its_exact_gradient_through_micro_batches(tiny_model_dir, tmp_path, loss):
+    """AOT sorts over the whole batch: the trainer's two passes (no-grad log-ratios, dL/drho, then each
+    micro-batch's rho weighted by it) give the gradient of the batch loss computed in one piece here."""
+    from objectives.preference import batch_preference_loss
+
+    trainer = dpo_trainer(tiny_model_dir, tmp_path / "run", preference_loss=loss, micro_batch_size=2, batch_size=6,
+                          heldout_fraction=0.0, eval_every=0, label_smoothing=0.1)
+    trainer.reference_log_probs = trainer.reference_pass()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the policy away from the reference: log-ratios of both signs, a sort that matters
+        for p in trainer._trainable().values():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    got = step_gradient(trainer)
+    pairs, index, model = trainer.pairs, trainer.step_pairs(0), trainer.model
+    lw = torch.stack([sequence_log_prob(model, pairs.prompt_ids[i], pairs.chosen_ids[i]) for i in index])
+    ll = torch.stack([sequence_log_prob(model, pairs.prompt_ids[i], pairs.rejected_ids[i]) for i in index])
+    ref = trainer.reference_log_probs[index]
+    batch_loss = batch_preference_loss(loss, lw - ref[:, 0], ll - ref[:, 1], 0.5, 0.1, ref[:, 0], ref[:, 1]).mean()
+    assert_gradient_of(batch_loss, trainer, got)
