@@ -127,7 +127,8 @@ def test_bad_settings_and_undefined_divergences_are_refused():
         preference_loss(x, x, rkl, 0.1, "kto")
     with pytest.raises(PreferenceLossError, match="in \\[0, 0.5\\)"):
         preference_loss(x, x, rkl, 0.1, "sigmoid", 0.5)
-    with pytest.raises(PreferenceLossError, match="used by the sigmoid, robust, exo_pair, aot, aot_unpaired losses only"):
+    with pytest.raises(PreferenceLossError,
+                       match="used by the sigmoid, robust, exo_pair, aot, aot_unpaired losses only"):
         preference_loss(x, x, rkl, 0.1, "hinge", 0.1)
     with pytest.raises(PreferenceLossError, match="lengths"):
         preference_loss(x, x, rkl, 0.1, "ipo")
