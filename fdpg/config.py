@@ -198,7 +198,8 @@ class TrainConfig:
     discopop_tau: float = field(default=0.05, metadata={
         "help": "DPO --preference_loss discopop: the temperature of its logistic/exponential mix."})
     label_smoothing: float = field(default=0.0, metadata={
-        "help": "DPO: probability that a preference label is flipped, in [0, 0.5) (sigmoid and robust losses)."})
+        "help": "DPO: probability that a preference label is flipped, in [0, 0.5) (the sigmoid, robust, exo_pair, aot, "
+                "aot_unpaired, simpo and cpo losses)."})
     epochs: float | None = field(default=None, metadata={
         "help": "DPO: epochs over the training pairs, instead of --steps (steps = ceil(epochs * pairs / batch))."})
     eval_every: int = field(default=10, metadata={

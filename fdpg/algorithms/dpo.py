@@ -207,19 +207,17 @@ class DPOTrainer(OnlineTrainer):
 
         index = self.step_pairs(step)[self.local_slice()]
         parts: list[tuple[torch.Tensor, ...]] = []
-        tokens = 0
         chosen_tokens = float(sum(len(self.pairs.chosen_ids[j]) for j in index))  # this process's share (NLL)
+        tokens = int(chosen_tokens) + sum(len(self.pairs.rejected_ids[j]) for j in index)
         with self.timed("backward"):
             if cfg.preference_loss in BATCH_LOSSES:
                 parts = [self.batch_loss_backward(index)]
-                tokens = sum(len(self.pairs.chosen_ids[j]) + len(self.pairs.rejected_ids[j]) for j in index)
             for micro, sync in ([] if parts else self.accumulation(index, self.micro_pairs)):
                 with sync:
                     losses, log_ratio_w, log_ratio_l = self.pair_losses(micro, grad=True, nll_tokens=chosen_tokens,
                                                                         batch_pairs=self.local_batch)
                     acc.backward(losses.sum() / self.local_batch)
                 parts.append((losses.detach(), log_ratio_w.detach(), log_ratio_l.detach()))
-                tokens += sum(len(self.pairs.chosen_ids[j]) + len(self.pairs.rejected_ids[j]) for j in micro)
 
         with self.timed("optimizer"):
             lr = self.scheduler.get_last_lr()[0]
