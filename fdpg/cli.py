@@ -4,6 +4,7 @@
 
     fdpg train [--config FILE.yaml] [--task sentiment] [--divergence js] [--beta 0.1] ...
     fdpg train --algo ppo --task sentiment --beta 0.1 ...       the PPO baseline on the same engine
+    fdpg train --algo grpo --samples_per_prompt G ...             GRPO (--grpo_loss, --scale_rewards, GSPO, ...)
     fdpg train --algo dpo --preferences PAIRS|task [--divergence js] ...   DPO / f-DPO from preference pairs
     fdpg train --algo sft --data DEMONSTRATIONS ...               supervised fine-tuning (completion tokens only)
     fdpg train --algo raft --samples_per_prompt K ...             online rejection-sampling fine-tuning (best of K)
@@ -114,8 +115,7 @@ def build_trainer(config: TrainConfig):
     """Task, policy and trainer from a config (cheap checks first, the model load last)."""
     import torch
 
-    from fdpg.algorithms.f_dpg import FDPGTrainer
-    from fdpg.algorithms.ppo import PPOTrainer, reward_target
+    from fdpg.algorithms.ppo import reward_target
     from fdpg.generation import attach_generator
     from fdpg.policy import LoraSettings, Policy
     from objectives import get_divergence
@@ -130,9 +130,9 @@ def build_trainer(config: TrainConfig):
                          f"{config.task!r} has one score per completion (try --task toxicity --task_args "
                          "granularity=sentence, or --task fine_grained)")
     pair_reward = None
-    if config.algo == "ppo":
-        # PPO needs a reward, not a fitted target: refused or rebuilt here, before any model is loaded.
-        spec.target, spec.fit = reward_target(spec.target, config.reward_feature, config.beta), None
+    if config.algo in ("ppo", "grpo"):
+        # PPO and GRPO need a reward, not a fitted target: refused or rebuilt here, before any model is loaded.
+        spec.target, spec.fit = reward_target(spec.target, config.reward_feature, config.beta, algo=config.algo), None
     elif config.algo == "dpo":
         pair_reward = pair_reward_feature(spec, config) if config.preferences == "task" and not config.resume else None
     elif config.algo == "raft":
@@ -156,10 +156,9 @@ def build_trainer(config: TrainConfig):
         return build_dpo_trainer(config, policy, spec, target, fit_details, pair_reward)
     if config.algo == "sft":
         return build_sft_trainer(config, policy, spec, target, demonstrations)
-    from fdpg.algorithms.raft import RAFTTrainer
+    from fdpg.algorithms import online_trainer_class
 
-    algorithm = {"ppo": PPOTrainer, "raft": RAFTTrainer}.get(config.algo, FDPGTrainer)
-    trainer = algorithm(config, policy, target, spec.scorer, spec.prompts, spec.metrics,
+    trainer = online_trainer_class(config.algo)(config, policy, target, spec.scorer, spec.prompts, spec.metrics,
                         fine_grained=spec.fine_grained, fine_grained_feature=spec.fine_grained_feature)
     trainer.run_extras = {"target_fit": fit_details} if fit_details else {}
     return trainer

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 #: The training algorithms of ``--algo``.
-ALGORITHMS = ("fdpg", "ppo", "dpo", "sft", "raft")
+ALGORITHMS = ("fdpg", "ppo", "grpo", "dpo", "sft", "raft")
 #: PPO's critics (``--critic``).
 CRITICS = ("policy_head", "value_model", "none")
 #: Fields that may differ between a run and its resumption (everything else must match).
@@ -30,7 +30,8 @@ class TrainConfig:
 
     # --- the algorithm
     algo: str = field(default="fdpg", metadata={
-        "help": "fdpg (f-divergence minimisation), ppo (the RLHF baseline, reverse KL toward a exp(r/beta)), dpo "
+        "help": "fdpg (f-divergence minimisation), ppo (the RLHF baseline, reverse KL toward a exp(r/beta)), grpo "
+                "(group-relative policy optimisation: --samples_per_prompt completions per prompt, no critic), dpo "
                 "(offline preference optimisation from --preferences; f-DPO with --divergence), sft (supervised "
                 "fine-tuning on --data) or raft (online rejection-sampling fine-tuning: the best of "
                 "--samples_per_prompt)."})
@@ -173,6 +174,30 @@ class TrainConfig:
     loss_aggregation: str = field(default="token_mean", metadata={
         "help": "PPO: token_mean, seq_mean_token_sum (a constant normaliser) or seq_mean_token_mean."})
 
+    # --- GRPO (--algo grpo; Shao et al. 2024, with TRL 1.16's variants; objectives.grpo)
+    grpo_loss: str = field(default="dapo", metadata={
+        "help": "GRPO: the loss aggregation, TRL's loss_type: grpo (token mean per sequence), bnpo (token mean per "
+                "micro-batch), dr_grpo (sum over batch x --max_new_tokens), dapo (token mean over the generation "
+                "batch; TRL's default), luspo (token sum per sequence) or cispo (clipped-ratio-weighted REINFORCE)."})
+    scale_rewards: str = field(default="group", metadata={
+        "help": "GRPO: divide the group-relative reward by the std of its group, of the batch, or none (Dr. GRPO)."})
+    grpo_iterations: int = field(default=1, metadata={
+        "help": "GRPO: passes over each batch of samples (mu of the paper, TRL's num_iterations)."})
+    grpo_minibatches: int = field(default=1, metadata={
+        "help": "GRPO: optimizer steps per pass, each on a shuffled share of the batch (TRL's steps_per_generation)."})
+    epsilon_high: float | None = field(default=None, metadata={
+        "help": "GRPO: the ratio's upper clip 1 + epsilon_high (DAPO's clip-higher; default --clip_range; cispo's "
+                "cap on the ratio)."})
+    grpo_delta: float | None = field(default=None, metadata={
+        "help": "GRPO: cap of the unclipped ratio (two-sided clipping; None: off)."})
+    importance_sampling: str = field(default="token", metadata={
+        "help": "GRPO: the ratio per token, or per sequence (the geometric mean over its tokens: GSPO)."})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "GRPO: weight of the k3 KL to the reference in the loss (TRL's beta; 0, TRL's default: no KL "
+                "term). --beta stays the target's, for the shared metrics."})
+    kl_ratio_correction: bool = field(default=True, metadata={
+        "help": "GRPO: multiply the KL term by the importance ratio (TRL 1.16's use_bias_correction_kl, its default)."})
+
     # --- DPO and f-DPO (--algo dpo; Rafailov et al. 2023, Wang et al. 2023)
     preferences: str | None = field(default=None, metadata={
         "help": "DPO: the preference pairs (columns prompt, chosen, rejected): a JSON/JSONL/CSV/Parquet file, a saved "
@@ -300,6 +325,8 @@ class TrainConfig:
             self._validate_token_credit()
         if self.algo == "ppo":
             self._validate_ppo()
+        if self.algo == "grpo":
+            self._validate_grpo()
         if self.algo == "dpo":
             self._validate_dpo()
         if self.algo in ("sft", "raft"):
@@ -441,6 +468,39 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"--max_length must be at least 2 tokens, got {self.max_length!r}")
+
+    def _validate_grpo(self) -> None:
+        from objectives import ReverseKL, get_divergence
+        from objectives.grpo import GRPO_LOSSES, IMPORTANCE_LEVELS, REWARD_SCALINGS
+
+        if not isinstance(get_divergence(self.divergence), ReverseKL):
+            raise ValueError(f"--algo grpo maximises the reward (with an optional KL term), so --divergence "
+                             f"{self.divergence!r} does not apply; drop it (or use --algo fdpg for other divergences)")
+        if self.proposal_differs:
+            raise ValueError("--algo grpo samples from pi itself (its ratio is pi/pi_old): drop --temperature, "
+                             "--top_p, --min_new_tokens and --off_policy, or use --algo fdpg, which corrects for a "
+                             "proposal")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"--algo grpo compares the completions of a prompt with each other: --samples_per_prompt "
+                             f"must be at least 2 (the group size G), got {self.samples_per_prompt}")
+        for name, choices in (("grpo_loss", GRPO_LOSSES), ("scale_rewards", REWARD_SCALINGS),
+                              ("importance_sampling", IMPORTANCE_LEVELS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("grpo_iterations", "grpo_minibatches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.grpo_minibatches:
+            raise ValueError(f"--grpo_minibatches ({self.grpo_minibatches}) must divide --batch_size "
+                             f"({self.batch_size})")
+        checks = {"clip_range": 0 < self.clip_range < 1, "kl_coef": math.isfinite(self.kl_coef) and self.kl_coef >= 0,
+                  "epsilon_high": self.epsilon_high is None or self.epsilon_high > 0,
+                  "grpo_delta": self.grpo_delta is None or self.grpo_delta > 1}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"--{bad[0]} {getattr(self, bad[0])!r} is out of range (clip_range in (0, 1), kl_coef "
+                             ">= 0, epsilon_high > 0, grpo_delta > 1)")
 
     def _validate_ppo(self) -> None:
         from objectives import ReverseKL, get_divergence

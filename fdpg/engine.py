@@ -15,7 +15,9 @@ checkpoints, signals, resume. An online algorithm (f-DPG in :mod:`fdpg.algorithm
 - :meth:`~OnlineTrainer.update_log_z` and :meth:`~OnlineTrainer.shared_metrics`: ``log Z`` of the target and
   the metrics every algorithm logs under the same names (``score/...``, ``kl_pi_a``, ``kl_p_pi``, ``d_f``,
   ``entropy``, ``distinct_*``, ``tokens_per_s``, ``time/*``), so that analysis needs no case per algorithm;
-- :meth:`~OnlineTrainer.optimizer_step`: gradient clipping, optimizer and zero-grad through ``accelerate``.
+- :meth:`~OnlineTrainer.optimizer_step`: gradient clipping, optimizer and zero-grad through ``accelerate``;
+  :meth:`~OnlineTrainer.minibatch_updates`: the epochs of shuffled minibatches of the clipped-ratio algorithms
+  (PPO, GRPO), one optimizer step each.
 
 The loop (:meth:`~OnlineTrainer.train`) writes ``metrics.jsonl`` and ``samples.jsonl``, checkpoints every
 ``save_every`` steps (trainable weights, including an algorithm's own modules such as a value head, optimizer,
@@ -521,6 +523,8 @@ class OnlineTrainer(TrainingLoop):
         self._last_samples: dict[str, Any] | None = None
         self._tokens_this_step = 0
         self._exact_kl: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: True during the first pass of :meth:`minibatch_updates`.
+        self.first_epoch = False
 
     def build_extra_modules(self) -> dict[str, torch.nn.Module]:
         """The algorithm's own trainable modules besides the policy (called once, before the optimizer)."""
@@ -585,6 +589,46 @@ class OnlineTrainer(TrainingLoop):
         rng = np.random.default_rng(seed_for(self.config.seed, step, 1))
         idx = rng.choice(len(self.prompts), size=n, replace=len(self.prompts) < n)
         return [self.prompts[i] for i in idx for _ in range(self.config.samples_per_prompt)]
+
+    def minibatch_updates(self, step: int, epochs: int, minibatches: int,
+                          loss_fn: Callable[[Sequence[int], torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+                          after_minibatch: Callable[[int, int], dict[str, float]] | None = None
+                          ) -> dict[str, float]:
+        r"""The inner loop of the clipped-ratio algorithms (PPO, GRPO): ``epochs`` passes over this process's batch,
+        each in ``minibatches`` shuffled minibatches (seeded by (seed, step, epoch): the same after a resume), one
+        optimizer step per minibatch (timed ``optimizer``), its backward micro-batched (timed ``backward``).
+
+        ``loss_fn(rows, minibatch)`` gives one micro-batch's loss, normalised over its whole minibatch (the rows
+        ``minibatch``), and its statistics (that micro-batch's share: they add up over the minibatch);
+        ``after_minibatch(epoch, m)`` may backpropagate more before the step (PPO-ptx) and return statistics.
+        :attr:`first_epoch` is true during the first pass (whose forwards give the sampler's gap). Returns each
+        statistic's mean over the minibatches, and ``grad_norm``'s."""
+        n = self.local_batch
+        size = n // minibatches
+        stats: dict[str, list[float]] = {}
+        for epoch in range(epochs):
+            self.first_epoch = epoch == 0
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(self.config.seed, step, 3,
+                                                                                       epoch)))
+            for m in range(minibatches):
+                index = order[m * size:(m + 1) * size]
+                minibatch: dict[str, float] = {}
+                for rows, sync in self.accumulation(index):
+                    with self.timed("backward"), sync, self.accelerator.autocast():
+                        loss, part_stats = loss_fn(rows, index)
+                        self.accelerator.backward(loss)
+                    for key, value in part_stats.items():
+                        minibatch[key] = minibatch.get(key, 0.0) + value
+                if after_minibatch is not None:
+                    minibatch.update(after_minibatch(epoch, m))
+                with self.timed("optimizer"):
+                    grad_norm = self.optimizer_step()
+                if grad_norm is not None:
+                    minibatch["grad_norm"] = grad_norm
+                for key, value in minibatch.items():
+                    stats.setdefault(key, []).append(value)
+        self.first_epoch = False
+        return {key: float(sum(v) / len(v)) for key, v in stats.items()}
 
     def prompt_keys(self, prompts: Sequence[str]) -> list[str]:
         """The ``log Z`` key of each sample: its prompt when the target is conditional, else one global key."""

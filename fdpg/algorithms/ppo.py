@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from fdpg.critic import ValueHead, ValueModel, hidden_size_of
-from fdpg.engine import EpochBatches, OnlineTrainer, reward_target, seed_for  # noqa: F401  (reward_target re-exported)
+from fdpg.engine import EpochBatches, OnlineTrainer, reward_target  # noqa: F401  (reward_target re-exported)
 from fdpg.log_probs import completion_token_log_probs, token_entropy
 from fdpg.sampling import SampleBatch, eos_token_ids
 from objectives import ReverseKL
@@ -241,40 +240,25 @@ class PPOTrainer(OnlineTrainer):
     def optimise(self, step: int, batch: SampleBatch, old_log_pi: torch.Tensor, log_a: torch.Tensor,
                  old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
                  beta: float) -> dict[str, float]:
-        """The epochs of shuffled minibatches (timed as ``backward`` and ``optimizer``); each loss statistic's mean
-        over the minibatches."""
-        cfg, acc = self.config, self.accelerator
-        n = self.local_batch
-        size = n // cfg.ppo_minibatches
-        stats: dict[str, list[float]] = defaultdict(list)
-        for epoch in range(cfg.ppo_epochs):
-            self._first_epoch = epoch == 0  # its forward passes give the sampler's gap (note_proposal_gap)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(cfg.seed, step, 3, epoch)))
-            for m in range(cfg.ppo_minibatches):
-                index = order[m * size:(m + 1) * size]
-                n_tokens = float(batch.completion_mask[index].sum())
-                minibatch: dict[str, float] = defaultdict(float)  # each micro-batch's share, summed
-                for rows, sync in self.accumulation(index):
-                    part = batch.rows(rows)
-                    w = part.completion_ids.shape[1]
-                    with self.timed("backward"), sync, acc.autocast():
-                        loss, part_stats = self.loss(part, old_log_pi[rows, :w], log_a[rows, :w],
-                                                     old_values[rows, :w], advantages[rows, :w], returns[rows, :w],
-                                                     beta, size, n_tokens)
-                        acc.backward(loss)
-                    for key, value in part_stats.items():
-                        minibatch[key] += value
-                if self.ptx is not None:
-                    draw = (step * cfg.ppo_epochs + epoch) * cfg.ppo_minibatches + m
-                    with self.timed("ptx"):
-                        minibatch["ppo/ptx_loss"] = self.ptx_backward(self.ptx_batches.step(draw)[self.ptx_slice()])
-                for key, value in minibatch.items():
-                    stats[key].append(value)
-                with self.timed("optimizer"):
-                    grad_norm = self.optimizer_step()
-                if grad_norm is not None:
-                    stats["grad_norm"].append(grad_norm)
-        return {key: float(sum(v) / len(v)) for key, v in stats.items()}
+        """The epochs of shuffled minibatches (:meth:`fdpg.engine.OnlineTrainer.minibatch_updates`); each loss
+        statistic's mean over the minibatches."""
+        cfg = self.config
+        size = self.local_batch // cfg.ppo_minibatches
+
+        def minibatch_loss(rows, index):
+            part = batch.rows(rows)
+            w = part.completion_ids.shape[1]
+            n_tokens = float(batch.completion_mask[index].sum())
+            return self.loss(part, old_log_pi[rows, :w], log_a[rows, :w], old_values[rows, :w], advantages[rows, :w],
+                             returns[rows, :w], beta, size, n_tokens)
+
+        def ptx(epoch: int, m: int) -> dict[str, float]:
+            draw = (step * cfg.ppo_epochs + epoch) * cfg.ppo_minibatches + m
+            with self.timed("ptx"):
+                return {"ppo/ptx_loss": self.ptx_backward(self.ptx_batches.step(draw)[self.ptx_slice()])}
+
+        return self.minibatch_updates(step, cfg.ppo_epochs, cfg.ppo_minibatches, minibatch_loss,
+                                      ptx if self.ptx is not None else None)
 
     def ptx_slice(self) -> slice:
         size = self.local_batch // self.config.ppo_minibatches
@@ -307,7 +291,7 @@ class PPOTrainer(OnlineTrainer):
         mask = part.completion_mask
         token_log_pi, values, hidden = self._forward(part, need_hidden=cfg.entropy_coef > 0)
         token_log_pi = token_log_pi.double()
-        if getattr(self, "_first_epoch", False) and not self.generator.exact_policy:
+        if self.first_epoch and not self.generator.exact_policy:
             gap_mask = part.completion_mask.to(token_log_pi.device)
             self.note_proposal_gap((old_log_pi * gap_mask).sum(-1), (token_log_pi * gap_mask).sum(-1))
 

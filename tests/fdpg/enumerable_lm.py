@@ -177,13 +177,12 @@ def ab_scorer(completions: list[str], prompts: list[str]) -> dict[str, list[floa
 
 def enumerable_trainer(model_dir, tmp_path, target=None, prompts=("",), beta: float = 0.5, batch: int = 64,
                        scorer=None, fine_grained=None, generator=None, **overrides: Any):
-    """A trainer (``algo`` chooses f-DPG or PPO) on the enumerable model with a random LoRA adapter (pi != a),
+    """A trainer (``algo`` chooses f-DPG, PPO or GRPO) on the enumerable model with a random LoRA adapter (pi != a),
     completions of at most 3 tokens, two micro-batches, no gradient clipping, the :func:`ab_scorer` reward (or
     ``scorer``, and a task's ``fine_grained`` reward)."""
     from fdpg_testing import nonzero_lora_policy
 
-    from fdpg.algorithms.f_dpg import FDPGTrainer
-    from fdpg.algorithms.ppo import PPOTrainer
+    from fdpg.algorithms import online_trainer_class
     from fdpg.config import TrainConfig
     from objectives import rl_with_kl
 
@@ -198,7 +197,7 @@ def enumerable_trainer(model_dir, tmp_path, target=None, prompts=("",), beta: fl
     if generator is not None:  # a shared engine (vLLM's, started once for the tests)
         policy.generator = generator
     target = rl_with_kl("reward", beta) if target is None else target
-    algorithm = PPOTrainer if config.algo == "ppo" else FDPGTrainer
+    algorithm = online_trainer_class(config.algo)
     return algorithm(config, policy, target, scorer or ab_scorer, list(prompts), fine_grained=fine_grained)
 
 

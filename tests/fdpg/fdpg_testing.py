@@ -48,12 +48,10 @@ def train_config(model_dir: Path | str, output_dir: Path | str, **overrides: Any
 
 def build_trainer(model_dir: Path | str, output_dir: Path | str, target=None, scorer=toy_scorer,
                   prompts=PROMPTS, **overrides: Any):
-    """An FDPGTrainer (a PPOTrainer with ``algo="ppo"``, a RAFTTrainer with ``algo="raft"``) on a freshly loaded
+    """The online trainer of ``algo`` (f-DPG by default; PPO, GRPO, RAFT) on a freshly loaded
     model; ``target`` defaults to
     ``rl_with_kl('reward', beta)``."""
-    from fdpg.algorithms.f_dpg import FDPGTrainer
-    from fdpg.algorithms.ppo import PPOTrainer
-    from fdpg.algorithms.raft import RAFTTrainer
+    from fdpg.algorithms import online_trainer_class
     from fdpg.policy import LoraSettings, Policy
     from objectives import rl_with_kl
 
@@ -63,8 +61,7 @@ def build_trainer(model_dir: Path | str, output_dir: Path | str, target=None, sc
     torch.manual_seed(config.seed)  # the LoRA initialisation, as `fdpg train` does
     policy = Policy.from_pretrained(config.model, lora=lora)
     target = target if target is not None else rl_with_kl("reward", config.beta)
-    algorithm = {"ppo": PPOTrainer, "raft": RAFTTrainer}.get(config.algo, FDPGTrainer)
-    return algorithm(config, policy, target, scorer, prompts)
+    return online_trainer_class(config.algo)(config, policy, target, scorer, prompts)
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
