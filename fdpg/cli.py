@@ -5,6 +5,7 @@
     fdpg train [--config FILE.yaml] [--task sentiment] [--divergence js] [--beta 0.1] ...
     fdpg train --algo ppo --task sentiment --beta 0.1 ...       the PPO baseline on the same engine
     fdpg train --algo grpo --samples_per_prompt G ...             GRPO (--grpo_loss, --scale_rewards, GSPO, ...)
+    fdpg train --algo kto --preferences LABELLED|PAIRS|task ...  KTO from completions labelled desirable or not
     fdpg train --algo dpo --preferences PAIRS|task [--divergence js] ...   DPO / f-DPO from preference pairs
     fdpg train --algo sft --data DEMONSTRATIONS ...               supervised fine-tuning (completion tokens only)
     fdpg train --algo raft --samples_per_prompt K ...             online rejection-sampling fine-tuning (best of K)
@@ -133,7 +134,7 @@ def build_trainer(config: TrainConfig):
     if config.algo in ("ppo", "grpo"):
         # PPO and GRPO need a reward, not a fitted target: refused or rebuilt here, before any model is loaded.
         spec.target, spec.fit = reward_target(spec.target, config.reward_feature, config.beta, algo=config.algo), None
-    elif config.algo == "dpo":
+    elif config.algo in ("dpo", "kto"):
         pair_reward = pair_reward_feature(spec, config) if config.preferences == "task" and not config.resume else None
     elif config.algo == "raft":
         # RAFT ranks by a reward, needs no fitted target: refused or rebuilt here, before any model is loaded.
@@ -152,7 +153,7 @@ def build_trainer(config: TrainConfig):
     attach_generator(policy, config)  # every sampling path of the run (fit, rollouts, evaluations) goes through it
     target, fit_details = fit_target(spec, policy, config.max_new_tokens, config.fit_samples, config.seed,
                                      resume=config.resume)
-    if config.algo == "dpo":
+    if config.algo in ("dpo", "kto"):
         return build_dpo_trainer(config, policy, spec, target, fit_details, pair_reward)
     if config.algo == "sft":
         return build_sft_trainer(config, policy, spec, target, demonstrations)
@@ -174,11 +175,12 @@ def pair_reward_feature(spec, config: TrainConfig) -> str:
 
 def build_dpo_trainer(config: TrainConfig, policy, spec, target, fit_details, pair_reward: str | None):
     """DPO's pairs (read back from the run directory on resume, made from the task, or loaded), tokenised and
-    checked, the step count from ``--epochs``, and the trainer."""
+    checked, the step count from ``--epochs``, and the trainer; for KTO the same data as labelled completions
+    (:mod:`fdpg.labelled_feedback`)."""
     import datasets
 
     from fdpg.algorithms.dpo import PAIRS_DIR, DPOTrainer
-    from fdpg.preferences import load_preferences, pairs_from_task, tokenize_pairs
+    from fdpg.preferences import load_dataset_source, load_preferences, pairs_from_task, tokenize_pairs
 
     made = None
     saved = Path(config.resume) / PAIRS_DIR if config.resume else None
@@ -193,16 +195,36 @@ def build_dpo_trainer(config: TrainConfig, policy, spec, target, fit_details, pa
         print(f"[fdpg] {len(data)} pairs ({config.pair_prompts - len(data)} prompts dropped for ties)",
               file=sys.stderr, flush=True)
     else:
-        data, source = load_preferences(config.preferences), f"--preferences {config.preferences}"
+        source = f"--preferences {config.preferences}"
+        # KTO's rows are checked as labelled completions or as pairs (fdpg.labelled_feedback), DPO's as pairs.
+        data = load_dataset_source(config.preferences, flag="--preferences") if config.algo == "kto" \
+            else load_preferences(config.preferences)
+    labelled = None
+    if config.algo == "kto":  # labelled singles (pairs unpaired), each with a mismatched completion
+        from fdpg.labelled_feedback import labelled_completions, with_mismatched_completions
+
+        labelled = labelled_completions(data, source)
+        data = with_mismatched_completions(labelled, config.seed + 5)
     limit = config.max_length or policy.max_positions
     pairs = tokenize_pairs(data, policy.tokenizer, limit, config.truncate_pairs, source)
     if pairs.truncated:
         print(f"[fdpg] --truncate_pairs: {pairs.truncated} responses cut to fit {limit} tokens", file=sys.stderr)
-    config = steps_for_epochs(config, len(pairs), "pairs")
-    trainer = DPOTrainer(config, policy, target, spec.scorer, spec.prompts, spec.metrics, pairs=pairs,
-                         pair_data=made)
-    trainer.run_extras = {"preference_pairs": len(pairs), "truncated_responses": pairs.truncated,
-                          **({"target_fit": fit_details} if fit_details else {})}
+    what = "examples" if labelled is not None else "pairs"
+    config = steps_for_epochs(config, len(pairs), what)
+    extras = {"preference_pairs": len(pairs), "truncated_responses": pairs.truncated,
+              **({"target_fit": fit_details} if fit_details else {})}
+    if labelled is not None:
+        from fdpg.algorithms.kto import KTOTrainer
+
+        labels = list(data["label"])
+        trainer = KTOTrainer(config, policy, target, spec.scorer, spec.prompts, spec.metrics, pairs=pairs,
+                             labels=labels, pair_data=made)
+        extras.update({"labelled_examples": len(pairs), "desirable": sum(labels)})
+        del extras["preference_pairs"]
+    else:
+        trainer = DPOTrainer(config, policy, target, spec.scorer, spec.prompts, spec.metrics, pairs=pairs,
+                             pair_data=made)
+    trainer.run_extras = extras
     return trainer
 
 

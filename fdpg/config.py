@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 #: The training algorithms of ``--algo``.
-ALGORITHMS = ("fdpg", "ppo", "grpo", "dpo", "sft", "raft")
+ALGORITHMS = ("fdpg", "ppo", "grpo", "dpo", "kto", "sft", "raft")
 #: PPO's critics (``--critic``).
 CRITICS = ("policy_head", "value_model", "none")
 #: Fields that may differ between a run and its resumption (everything else must match).
@@ -31,7 +31,8 @@ class TrainConfig:
     # --- the algorithm
     algo: str = field(default="fdpg", metadata={
         "help": "fdpg (f-divergence minimisation), ppo (the RLHF baseline, reverse KL toward a exp(r/beta)), grpo "
-                "(group-relative policy optimisation: --samples_per_prompt completions per prompt, no critic), dpo "
+                "(group-relative policy optimisation: --samples_per_prompt completions per prompt, no critic), kto "
+                "(from completions labelled desirable or not, --preferences), dpo "
                 "(offline preference optimisation from --preferences; f-DPO with --divergence), sft (supervised "
                 "fine-tuning on --data) or raft (online rejection-sampling fine-tuning: the best of "
                 "--samples_per_prompt)."})
@@ -240,6 +241,16 @@ class TrainConfig:
     truncate_pairs: bool = field(default=False, metadata={
         "help": "DPO: cut responses that do not fit in --max_length (default: refuse them, naming the row)."})
 
+    # --- KTO (--algo kto; Ethayarajh et al. 2024; objectives.kto). --preferences, --epochs, --eval_every,
+    # --heldout_fraction, --max_length, --truncate_pairs, --pair_prompts and --pair_samples apply as for DPO.
+    kto_loss: str = field(default="kto", metadata={
+        "help": "KTO: kto (against the batch's KL reference point) or apo_zero_unpaired (no reference point). "
+                "--preferences holds (prompt, completion, label) rows, or pairs (chosen desirable, rejected not)."})
+    desirable_weight: float = field(default=1.0, metadata={"help": "KTO: the weight lambda_D of desirable examples."})
+    undesirable_weight: float = field(default=1.0, metadata={
+        "help": "KTO: the weight lambda_U of undesirable examples (the paper: lambda_D n_D / lambda_U n_U in "
+                "[1, 4/3])."})
+
     # --- SFT (--algo sft) and RAFT (--algo raft)
     data: str | None = field(default=None, metadata={
         "help": "SFT: the demonstrations (columns prompt, completion; or chat messages): a JSON/JSONL/CSV/Parquet "
@@ -329,6 +340,8 @@ class TrainConfig:
             self._validate_grpo()
         if self.algo == "dpo":
             self._validate_dpo()
+        if self.algo == "kto":
+            self._validate_kto()
         if self.algo in ("sft", "raft"):
             self._validate_likelihood()
         if (self.ptx_data is not None or self.ptx_coef) and self.algo != "ppo":
@@ -458,6 +471,10 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
         if self.discopop_tau == 0:
             raise ValueError("--discopop_tau must be positive (it divides the margin)")
+        self._validate_offline_pairs()
+
+    def _validate_offline_pairs(self) -> None:
+        """The settings DPO and KTO share: epochs, the held-out split, evaluation, pairs from a task, lengths."""
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ValueError(f"--epochs must be a positive number, got {self.epochs!r}")
         if not 0 <= self.heldout_fraction < 1:
@@ -501,6 +518,29 @@ class TrainConfig:
         if bad:
             raise ValueError(f"--{bad[0]} {getattr(self, bad[0])!r} is out of range (clip_range in (0, 1), kl_coef "
                              ">= 0, epsilon_high > 0, grpo_delta > 1)")
+
+    def _validate_kto(self) -> None:
+        from objectives import ReverseKL, get_divergence
+        from objectives.kto import KTO_LOSSES
+
+        if not self.preferences:
+            raise ValueError("--algo kto learns from labelled completions: give --preferences FILE_DIR_OR_HUB_NAME "
+                             "(columns prompt, completion, label; or pairs prompt, chosen, rejected) or --preferences "
+                             "task")
+        if not isinstance(get_divergence(self.divergence), ReverseKL):
+            raise ValueError(f"--algo kto: its reference point is the batch's KL(pi||pi_ref), the mean of the "
+                             f"reverse-KL implicit reward; --divergence {self.divergence} has no such form (TRL's KTO "
+                             "neither): drop it")
+        if self.kto_loss not in KTO_LOSSES:
+            raise ValueError(f"--kto_loss must be one of {', '.join(KTO_LOSSES)}, got {self.kto_loss!r}")
+        if self.preference_loss != "sigmoid" or self.label_smoothing:
+            raise ValueError("--preference_loss and --label_smoothing are DPO's; --algo kto takes --kto_loss: drop "
+                             "them")
+        for name in ("desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name} must be a positive number, got {value!r}")
+        self._validate_offline_pairs()
 
     def _validate_ppo(self) -> None:
         from objectives import ReverseKL, get_divergence

@@ -194,6 +194,13 @@ class TokenizedPairs:
         return TokenizedPairs(pick(self.prompts), pick(self.chosen), pick(self.rejected), pick(self.prompt_ids),
                               pick(self.chosen_ids), pick(self.rejected_ids))
 
+    def responses(self, index: Sequence[int], pad_token_id: int, column: str) -> SampleBatch:
+        """The ``column`` (``chosen`` or ``rejected``) responses of the pairs ``index`` as one :class:`SampleBatch`."""
+        index = [int(i) for i in index]
+        ids, texts = getattr(self, f"{column}_ids"), getattr(self, column)
+        return SampleBatch.from_token_rows([self.prompts[i] for i in index], [self.prompt_ids[i] for i in index],
+                                           [ids[i] for i in index], [texts[i] for i in index], pad_token_id)
+
     def as_batch(self, index: Sequence[int], pad_token_id: int) -> SampleBatch:
         """The pairs ``index`` as one :class:`SampleBatch` of ``2 n`` rows: the chosen responses, then the rejected
         ones (prompts left-padded, responses right-padded; log-prob columns 0)."""

@@ -58,11 +58,13 @@ class DPOTrainer(OnlineTrainer):
     """
 
     algorithm = "DPO"
+    #: The ``--algo`` this trainer runs.
+    algo_name = "dpo"
 
     def __init__(self, config, policy, target, scorer, prompts=None, metrics_fn=None, accelerator=None, *,
                  pairs: TokenizedPairs, pair_data=None, **engine_options) -> None:
-        if config.algo != "dpo":
-            raise ValueError(f"DPOTrainer needs --algo dpo, got {config.algo!r}")
+        if config.algo != self.algo_name:
+            raise ValueError(f"{type(self).__name__} needs --algo {self.algo_name}, got {config.algo!r}")
         super().__init__(config, policy, target, scorer, prompts, metrics_fn, accelerator, **engine_options)
         self.divergence = get_divergence(config.divergence)
         problem = f_dpo_problem(self.divergence)

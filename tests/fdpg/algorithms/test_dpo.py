@@ -262,8 +262,8 @@ def test_bad_settings_fail_before_any_model_is_loaded(tmp_path):
         TrainConfig(**base, preferences="task", preference_loss="kto")
     with pytest.raises(ValueError, match="--pair_samples must be an integer >= 2"):
         TrainConfig(**base, preferences="task", pair_samples=1)
-    with pytest.raises(ValueError, match="--algo must be one of fdpg, ppo, grpo, dpo"):
-        TrainConfig(algo="kto")
+    with pytest.raises(ValueError, match="--algo must be one of fdpg, ppo, grpo, dpo, kto"):
+        TrainConfig(algo="orpo")
 
 
 SMALL = ["--batch_size", "4", "--samples_per_prompt", "2", "--max_new_tokens", "6", "--micro_batch_size", "4",
