@@ -6,6 +6,7 @@
     fdpg train --algo ppo --task sentiment --beta 0.1 ...       the PPO baseline on the same engine
     fdpg train --algo grpo --samples_per_prompt G ...             GRPO (--grpo_loss, --scale_rewards, GSPO, ...)
     fdpg train --algo kto --preferences LABELLED|PAIRS|task ...  KTO from completions labelled desirable or not
+    fdpg train --algo online_dpo --samples_per_prompt 2 ...     online DPO: the task's reward judges two samples
     fdpg train --algo dpo --preferences PAIRS|task [--divergence js] ...   DPO / f-DPO from preference pairs
     fdpg train --algo sft --data DEMONSTRATIONS ...               supervised fine-tuning (completion tokens only)
     fdpg train --algo raft --samples_per_prompt K ...             online rejection-sampling fine-tuning (best of K)
@@ -131,8 +132,9 @@ def build_trainer(config: TrainConfig):
                          f"{config.task!r} has one score per completion (try --task toxicity --task_args "
                          "granularity=sentence, or --task fine_grained)")
     pair_reward = None
-    if config.algo in ("ppo", "grpo"):
-        # PPO and GRPO need a reward, not a fitted target: refused or rebuilt here, before any model is loaded.
+    if config.algo in ("ppo", "grpo", "online_dpo"):
+        # PPO, GRPO and online DPO need a reward, not a fitted target: refused or rebuilt here, before any model
+        # is loaded.
         spec.target, spec.fit = reward_target(spec.target, config.reward_feature, config.beta, algo=config.algo), None
     elif config.algo in ("dpo", "kto"):
         pair_reward = pair_reward_feature(spec, config) if config.preferences == "task" and not config.resume else None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 #: The training algorithms of ``--algo``.
-ALGORITHMS = ("fdpg", "ppo", "grpo", "dpo", "kto", "sft", "raft")
+ALGORITHMS = ("fdpg", "ppo", "grpo", "dpo", "kto", "online_dpo", "sft", "raft")
 #: PPO's critics (``--critic``).
 CRITICS = ("policy_head", "value_model", "none")
 #: Fields that may differ between a run and its resumption (everything else must match).
@@ -32,7 +32,8 @@ class TrainConfig:
     algo: str = field(default="fdpg", metadata={
         "help": "fdpg (f-divergence minimisation), ppo (the RLHF baseline, reverse KL toward a exp(r/beta)), grpo "
                 "(group-relative policy optimisation: --samples_per_prompt completions per prompt, no critic), kto "
-                "(from completions labelled desirable or not, --preferences), dpo "
+                "(from completions labelled desirable or not, --preferences), online_dpo (two samples per prompt "
+                "judged by the task's reward, --preference_loss on them), dpo "
                 "(offline preference optimisation from --preferences; f-DPO with --divergence), sft (supervised "
                 "fine-tuning on --data) or raft (online rejection-sampling fine-tuning: the best of "
                 "--samples_per_prompt)."})
@@ -342,6 +343,8 @@ class TrainConfig:
             self._validate_dpo()
         if self.algo == "kto":
             self._validate_kto()
+        if self.algo == "online_dpo":
+            self._validate_online_dpo()
         if self.algo in ("sft", "raft"):
             self._validate_likelihood()
         if (self.ptx_data is not None or self.ptx_coef) and self.algo != "ppo":
@@ -518,6 +521,33 @@ class TrainConfig:
         if bad:
             raise ValueError(f"--{bad[0]} {getattr(self, bad[0])!r} is out of range (clip_range in (0, 1), kl_coef "
                              ">= 0, epsilon_high > 0, grpo_delta > 1)")
+
+    def _validate_online_dpo(self) -> None:
+        from objectives import get_divergence
+        from objectives.preference import BATCH_LOSSES, check_preference_settings, f_dpo_problem
+        from objectives.reference_free import REFERENCE_FREE_LOSSES
+
+        if self.samples_per_prompt != 2:
+            raise ValueError(f"--algo online_dpo judges two completions of each prompt: --samples_per_prompt must be "
+                             f"2, got {self.samples_per_prompt}")
+        if self.preferences:
+            raise ValueError("--algo online_dpo makes its pairs from the policy's own samples each step: drop "
+                             "--preferences (or use --algo dpo for fixed pairs)")
+        problem = f_dpo_problem(get_divergence(self.divergence))
+        if problem is not None:
+            raise ValueError(f"--algo online_dpo --divergence {self.divergence}: f-DPO is not defined for it, since "
+                             f"{problem}; use rkl (DPO), fkl, js or alpha:A")
+        losses = [name for name, _ in self.preference_losses()]
+        unsupported = [n for n in losses if n in BATCH_LOSSES or n in REFERENCE_FREE_LOSSES or n == "sft"]
+        if len(losses) > 1 or unsupported:
+            raise ValueError(f"--algo online_dpo takes one pair loss of --preference_loss (sigmoid, ipo, hinge, ...); "
+                             f"{self.preference_loss!r} is not one here (combinations, sft, the batch-sorted and the "
+                             "reference-free losses are --algo dpo's)")
+        check_preference_settings(losses[0], self.beta, self.label_smoothing, get_divergence(self.divergence))
+        for name in ("length_alpha", "positive_lambda", "discopop_tau"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
 
     def _validate_kto(self) -> None:
         from objectives import ReverseKL, get_divergence
