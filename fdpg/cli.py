@@ -59,6 +59,8 @@ def parse_train_args(argv: Sequence[str]) -> TrainConfig:
                               description="Align a causal LM with f-divergence minimisation (f-DPG).")
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags override it).")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
+    if {"-h", "--help"} & set(rest):
+        show_only_algorithm_settings(parser, rest)
     saved = saved_run_settings(known.resume, names) if known.resume else {}
     from_file = load_config_file(known.config) if known.config else {}
     # the run's own plugins, the file's and the flag's, before anything reads a divergence or a task name
@@ -68,6 +70,25 @@ def parse_train_args(argv: Sequence[str]) -> TrainConfig:
     explicit = set(saved) | set(from_file) | {flag.lstrip("-").split("=")[0].replace("-", "_") for flag in rest
                                               if flag.startswith("--")} & names
     return apply_task_defaults(config, explicit)
+
+
+def show_only_algorithm_settings(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """With ``--algo X`` on the line, ``--help`` lists the shared settings and X's own
+    (:data:`fdpg.algorithms.ALGORITHM_SETTINGS`), the other algorithms' hidden."""
+    from fdpg.algorithms import ALGORITHM_SETTINGS, algorithm_specific_settings
+
+    algo = argparse.ArgumentParser(add_help=False)
+    algo.add_argument("--algo", default=None)
+    chosen = algo.parse_known_args(list(argv))[0].algo
+    if chosen not in ALGORITHM_SETTINGS:
+        return
+    hidden = algorithm_specific_settings() - set(ALGORITHM_SETTINGS[chosen])
+    parser.description = (f"{parser.description} The settings of --algo {chosen} and the shared ones (without "
+                          "--algo: every algorithm's).")
+    for action in parser._actions:
+        names = {option.lstrip("-").replace("-", "_") for option in action.option_strings}
+        if names & hidden or {n.removeprefix("no_") for n in names if n.startswith("no_")} & hidden:
+            action.help = argparse.SUPPRESS
 
 
 def saved_run_settings(run_dir: str, names: set[str]) -> dict:

@@ -246,3 +246,30 @@ def test_the_batch_means_of_an_sft_run_show_its_loss_not_a_missing_kl(tmp_path: 
     lines = progress_report(tmp_path / "metrics.jsonl", window=2).splitlines()[1:]
     assert [line.split() for line in lines] == [["score/reward", "0.100", "->", "nan"],
                                                 ["loss", "2.500", "->", "1.500"]]
+
+
+def test_every_algorithm_declares_settings_that_exist():
+    import dataclasses
+
+    from fdpg.algorithms import ALGORITHM_SETTINGS
+    from fdpg.config import ALGORITHMS, TrainConfig
+
+    assert set(ALGORITHM_SETTINGS) == set(ALGORITHMS)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for algo, names in ALGORITHM_SETTINGS.items():
+        assert set(names) <= fields, (algo, set(names) - fields)
+
+
+@pytest.mark.parametrize(("algo", "shown", "hidden"), [
+    ("grpo", ["--grpo_loss", "--kl_coef", "--clip_range", "--learning_rate"], ["--ppo_epochs", "--kto_loss",
+                                                                                "--no_whiten_advantages"]),
+    ("kto", ["--kto_loss", "--preferences", "--heldout_fraction"], ["--grpo_loss", "--critic"]),
+    (None, ["--grpo_loss", "--kto_loss", "--ppo_epochs"], []),
+])
+def test_train_help_of_one_algorithm_shows_its_settings_and_the_shared_ones(capsys, algo, shown, hidden):
+    code, out, _ = run_cli(["train", "--help", *(["--algo", algo] if algo else [])], capsys)
+    assert code == 0
+    for flag in shown:
+        assert f"{flag} " in out, flag
+    for flag in hidden:
+        assert f"{flag} " not in out, flag
