@@ -111,10 +111,17 @@ def _cast_forward(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
     return packed_forward
 
 
+def onednn_packing_available() -> bool:
+    """Whether this torch build has oneDNN and the private linear ops used here."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
 def bf16_prepacking_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether oneDNN can prepack ``dtype`` weights on ``device``: bf16 on a CPU whose oneDNN has native bf16."""
-    from fdpg.onednn_linears import onednn_packing_available
-
     return (device.type == "cpu" and dtype == torch.bfloat16 and onednn_packing_available()
             and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 

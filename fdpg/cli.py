@@ -36,6 +36,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fdpg.commands.prompts_file import read_prompts_file
 from fdpg.config import TrainConfig, load_config_file
 
 
@@ -119,19 +120,6 @@ def apply_task_defaults(config: TrainConfig, explicit: set[str]) -> TrainConfig:
               file=sys.stderr)
         config = dataclasses.replace(config, **changed)
     return config
-
-
-def read_prompts_file(path: str) -> list[str]:
-    file = Path(path)
-    if file.exists() and not file.is_file():
-        raise ValueError(f"--prompts_file {path!r} exists but is not a regular file (a directory?): give a text file "
-                         "with one prompt per line")
-    if not file.is_file():
-        raise FileNotFoundError(f"--prompts_file {path!r} does not exist")
-    prompts = [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts_file {path!r} holds no prompt (one per line)")
-    return prompts
 
 
 def build_trainer(config: TrainConfig):
@@ -402,8 +390,9 @@ def progress_report(metrics_file: Path, window: int = 5) -> str:
 
 def cmd_eval(argv: Sequence[str]) -> int:
     """``fdpg eval --task NAME --model PATH_OR_RUN``: task metrics, KL(pi||a) and Distinct-n of N samples."""
+    from fdpg.commands.generation_flags import add_generation_arguments, generation_from_arguments
     from fdpg.evaluation import evaluate_policy, load_run_policy
-    from fdpg.generation import add_generation_arguments, attach_generator, generation_from_arguments
+    from fdpg.generation import attach_generator
     from fdpg.policy import Policy
     from fdpg.run_log import dumps
     from tasks import get_task

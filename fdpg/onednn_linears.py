@@ -27,16 +27,7 @@ from contextlib import contextmanager
 
 import torch
 
-from fdpg.cast_linears import autocast_dtype, cast_once_linears
-
-
-def onednn_packing_available() -> bool:
-    """Whether this torch build has oneDNN and the private linear ops used here."""
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+from fdpg.cast_linears import autocast_dtype, cast_once_linears, onednn_packing_available  # noqa: F401  (re-exported)
 
 
 def _onednn_forward(

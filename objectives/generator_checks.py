@@ -7,14 +7,19 @@ A valid generator is convex with :math:`f(1) = 0`; we check it numerically on th
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from objectives.errors import InvalidGeneratorError
 
-if TYPE_CHECKING:
-    from objectives.divergences import Divergence
+
+class Divergence(Protocol):
+    """What is checked of a divergence (:class:`objectives.divergences.Divergence`): its f and f' of ``log t``."""
+
+    def _f(self, log_t: torch.Tensor) -> torch.Tensor: ...
+
+    def _f_prime(self, log_t: torch.Tensor) -> torch.Tensor: ...
 
 GRID_LOG_T = torch.linspace(-10.0, 10.0, 201, dtype=torch.float64)
 F_AT_ONE_TOL = 1e-6

@@ -214,7 +214,7 @@ def train_classifier(settings: ClassifierSettings = ClassifierSettings(), cache_
 
     Returns the report (also written as ``report-<key>.json`` beside ``head-<key>.pt``).
     """
-    from tasks.sentiment import vader_compound
+    from tasks.vader import vader_compound
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = settings.key()

@@ -23,7 +23,8 @@ from functools import lru_cache
 import torch
 
 from objectives import rl_with_kl
-from tasks.base import Task, TaskSpec, parse_options, require
+from tasks.base import Task, TaskSpec, parse_options
+from tasks.vader import _vader, vader_compound  # noqa: F401  (vader_compound re-exported)
 
 DEFAULT_PROMPTS = [
     "Movie review:",
@@ -38,21 +39,6 @@ DEFAULT_PROMPTS = [
 POSITIVE_THRESHOLD = 0.05
 #: Positive-fraction threshold of each scorer's reward.
 THRESHOLDS = {"vader": POSITIVE_THRESHOLD, "minilm": 0.0}
-
-
-@lru_cache(maxsize=1)
-def _vader():
-    require("vaderSentiment", "pip install vaderSentiment")
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    return SentimentIntensityAnalyzer()
-
-
-def vader_compound(texts: Sequence[str]) -> torch.Tensor:
-    """VADER compound polarity of each text (0 for an empty text)."""
-    analyzer = _vader()
-    return torch.tensor([analyzer.polarity_scores(t)["compound"] if t.strip() else 0.0 for t in texts],
-                        dtype=torch.float64)
 
 
 def sentiment_metrics(features: Mapping[str, torch.Tensor], threshold: float = POSITIVE_THRESHOLD) -> dict[str, float]:

@@ -148,11 +148,11 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in seen or name == "logs":
             raise PipelineConfigError(f"{path}: stage {i}'s name {name!r} must be unique, not 'logs', and made of "
                                       "letters, digits, '_', '-' and '.'")
-        from fdpg.cli import COMMANDS
+        from fdpg.commands import COMMAND_NAMES
 
-        if stage["command"].split()[0] not in COMMANDS:
+        if stage["command"].split()[0] not in COMMAND_NAMES:
             raise PipelineConfigError(f"{path}: stage {name!r}: unknown command {stage['command']!r}; one of "
-                                      f"{', '.join(COMMANDS)}")
+                                      f"{', '.join(COMMAND_NAMES)}")
         args = stage.get("args", {}) or {}
         if not isinstance(args, dict):
             raise PipelineConfigError(f"{path}: stage {name!r}: args must be a mapping of flag: value")

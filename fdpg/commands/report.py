@@ -20,8 +20,9 @@ def cmd_bon(argv: Sequence[str]) -> int:
     'Best-of-n', KL(pi||a) the analytic log n - (n-1)/n; n = 1 is the base model itself. max(n) completions per
     prompt are drawn once and best-of-n is the best of the first n of them (the nested estimator)."""
     from fdpg.bon import load_base_policy, parse_ns, reward_feature_of, run_best_of_n, write_bon_runs
+    from fdpg.commands.generation_flags import add_generation_arguments, generation_from_arguments
     from fdpg.config import TrainConfig
-    from fdpg.generation import add_generation_arguments, attach_generator, generation_from_arguments
+    from fdpg.generation import attach_generator
     from tasks import get_task
 
     parser = argparse.ArgumentParser(prog="fdpg bon", description=cmd_bon.__doc__)
@@ -47,7 +48,7 @@ def cmd_bon(argv: Sequence[str]) -> int:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     add_generation_arguments(parser)
     args = parser.parse_args(list(argv))
-    from fdpg.cli import read_prompts_file
+    from fdpg.commands.prompts_file import read_prompts_file
 
     ns = parse_ns(args.n)
     generation = generation_from_arguments(args)

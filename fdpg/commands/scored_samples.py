@@ -26,8 +26,8 @@ class ScoredSamples:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every scored-sampling command takes (task, model, length, seed, feature)."""
+    from fdpg.commands.generation_flags import add_generation_arguments
     from fdpg.config import TrainConfig
-    from fdpg.generation import add_generation_arguments
 
     parser.add_argument("--task", required=True)
     parser.add_argument("--output_dir", "--output-dir", required=True)
@@ -46,9 +46,10 @@ def draw_scored_samples(args: argparse.Namespace, n_prompts: int, per_prompt: in
     """``per_prompt`` samples for each of ``n_prompts`` prompts drawn from the task's pool (without replacement when
     the pool is large enough), scored by the task (the flags of :func:`add_sampling_arguments`)."""
     from fdpg.bon import reward_feature_of
+    from fdpg.commands.generation_flags import generation_from_arguments
     from fdpg.config import TrainConfig
     from fdpg.evaluation import draw_prompts, sample_for_prompts
-    from fdpg.generation import attach_generator, generation_from_arguments
+    from fdpg.generation import attach_generator
     from fdpg.policy import Policy
     from fdpg.scores import checked_features
     from tasks import get_task

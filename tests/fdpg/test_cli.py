@@ -273,3 +273,10 @@ def test_train_help_of_one_algorithm_shows_its_settings_and_the_shared_ones(caps
         assert f"{flag} " in out, flag
     for flag in hidden:
         assert f"{flag} " not in out, flag
+
+
+def test_the_pipelines_command_names_are_the_cli_commands():
+    from fdpg.cli import COMMANDS
+    from fdpg.commands import COMMAND_NAMES
+
+    assert tuple(COMMANDS) == COMMAND_NAMES
