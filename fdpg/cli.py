@@ -7,6 +7,7 @@
     fdpg train --algo grpo --samples_per_prompt G ...             GRPO (--grpo_loss, --scale_rewards, GSPO, ...)
     fdpg train --algo kto --preferences LABELLED|PAIRS|task ...  KTO from completions labelled desirable or not
     fdpg train --algo online_dpo --samples_per_prompt 2 ...     online DPO: the task's reward judges two samples
+    fdpg train --algo listwise --preferences RANKINGS --list_loss lipo|rrhf|pro ...   list-wise losses
     fdpg train --algo dpo --preferences PAIRS|task [--divergence js] ...   DPO / f-DPO from preference pairs
     fdpg train --algo sft --data DEMONSTRATIONS ...               supervised fine-tuning (completion tokens only)
     fdpg train --algo raft --samples_per_prompt K ...             online rejection-sampling fine-tuning (best of K)
@@ -145,7 +146,7 @@ def build_trainer(config: TrainConfig):
         # PPO, GRPO and online DPO need a reward, not a fitted target: refused or rebuilt here, before any model
         # is loaded.
         spec.target, spec.fit = reward_target(spec.target, config.reward_feature, config.beta, algo=config.algo), None
-    elif config.algo in ("dpo", "kto"):
+    elif config.algo in ("dpo", "kto", "listwise"):
         pair_reward = pair_reward_feature(spec, config) if config.preferences == "task" and not config.resume else None
     elif config.algo == "raft":
         # RAFT ranks by a reward, needs no fitted target: refused or rebuilt here, before any model is loaded.
@@ -164,6 +165,8 @@ def build_trainer(config: TrainConfig):
     attach_generator(policy, config)  # every sampling path of the run (fit, rollouts, evaluations) goes through it
     target, fit_details = fit_target(spec, policy, config.max_new_tokens, config.fit_samples, config.seed,
                                      resume=config.resume)
+    if config.algo == "listwise":
+        return build_listwise_trainer(config, policy, spec, target, fit_details)
     if config.algo in ("dpo", "kto"):
         return build_dpo_trainer(config, policy, spec, target, fit_details, pair_reward)
     if config.algo == "sft":
@@ -236,6 +239,22 @@ def build_dpo_trainer(config: TrainConfig, policy, spec, target, fit_details, pa
         trainer = DPOTrainer(config, policy, target, spec.scorer, spec.prompts, spec.metrics, pairs=pairs,
                              pair_data=made)
     trainer.run_extras = extras
+    return trainer
+
+
+def build_listwise_trainer(config: TrainConfig, policy, spec, target, fit_details):
+    """The rankings of ``--preferences`` (read back the same on resume), tokenised and checked, the step count from
+    ``--epochs``, and the list-wise trainer."""
+    from fdpg.algorithms.listwise import ListwiseTrainer
+    from fdpg.ranked_lists import load_ranked_lists
+
+    limit = config.max_length or policy.max_positions
+    lists = load_ranked_lists(config.preferences, policy.tokenizer, limit, config.truncate_pairs)
+    config = steps_for_epochs(config, len(lists), "rankings")
+    trainer = ListwiseTrainer(config, policy, target, spec.scorer, spec.prompts, spec.metrics, pairs=lists)
+    trainer.run_extras = {"rankings": len(lists), "ranked_responses": lists.n_responses,
+                          "truncated_responses": lists.truncated,
+                          **({"target_fit": fit_details} if fit_details else {})}
     return trainer
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 #: The training algorithms of ``--algo``.
-ALGORITHMS = ("fdpg", "ppo", "grpo", "dpo", "kto", "online_dpo", "sft", "raft")
+ALGORITHMS = ("fdpg", "ppo", "grpo", "dpo", "kto", "listwise", "online_dpo", "sft", "raft")
 #: PPO's critics (``--critic``).
 CRITICS = ("policy_head", "value_model", "none")
 #: Fields that may differ between a run and its resumption (everything else must match).
@@ -32,7 +32,8 @@ class TrainConfig:
     algo: str = field(default="fdpg", metadata={
         "help": "fdpg (f-divergence minimisation), ppo (the RLHF baseline, reverse KL toward a exp(r/beta)), grpo "
                 "(group-relative policy optimisation: --samples_per_prompt completions per prompt, no critic), kto "
-                "(from completions labelled desirable or not, --preferences), online_dpo (two samples per prompt "
+                "(from completions labelled desirable or not, --preferences), listwise (RRHF, PRO or LiPO from "
+                "rankings, --list_loss), online_dpo (two samples per prompt "
                 "judged by the task's reward, --preference_loss on them), dpo "
                 "(offline preference optimisation from --preferences; f-DPO with --divergence), sft (supervised "
                 "fine-tuning on --data) or raft (online rejection-sampling fine-tuning: the best of "
@@ -252,6 +253,12 @@ class TrainConfig:
         "help": "KTO: the weight lambda_U of undesirable examples (the paper: lambda_D n_D / lambda_U n_U in "
                 "[1, 4/3])."})
 
+    # --- list-wise losses (--algo listwise; objectives.list_losses): --preferences RANKINGS (prompt, responses best
+    # first, optional scores), --epochs, --eval_every, --heldout_fraction, --max_length, --truncate_pairs as for DPO
+    list_loss: str = field(default="lipo", metadata={
+        "help": "listwise: lipo (LiPO-lambda: DPO terms of every ordered pair, lambda-weighted; reads the reference "
+                "and --divergence), rrhf or pro (reference-free; --nll_coef weighs the best response's NLL)."})
+
     # --- SFT (--algo sft) and RAFT (--algo raft)
     data: str | None = field(default=None, metadata={
         "help": "SFT: the demonstrations (columns prompt, completion; or chat messages): a JSON/JSONL/CSV/Parquet "
@@ -345,6 +352,8 @@ class TrainConfig:
             self._validate_kto()
         if self.algo == "online_dpo":
             self._validate_online_dpo()
+        if self.algo == "listwise":
+            self._validate_listwise()
         if self.algo in ("sft", "raft"):
             self._validate_likelihood()
         if (self.ptx_data is not None or self.ptx_coef) and self.algo != "ppo":
@@ -548,6 +557,31 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
+
+    def _validate_listwise(self) -> None:
+        from objectives import get_divergence
+        from objectives.list_losses import LIST_LOSSES, REFERENCE_FREE_LIST_LOSSES
+        from objectives.preference import f_dpo_problem
+
+        if not self.preferences or self.preferences == "task":
+            raise ValueError("--algo listwise learns from K-wise rankings: give --preferences FILE_DIR_OR_HUB_NAME "
+                             "(columns prompt, responses best first, optional scores; `fdpg label-rankings` writes "
+                             "them)")
+        if self.list_loss not in LIST_LOSSES:
+            raise ValueError(f"--list_loss must be one of {', '.join(LIST_LOSSES)}, got {self.list_loss!r}")
+        if self.list_loss in REFERENCE_FREE_LIST_LOSSES and self.divergence != "rkl":
+            raise ValueError(f"--list_loss {self.list_loss} is reference-free: it reads no pi/pi_ref, so it has no "
+                             f"--divergence {self.divergence} form; drop --divergence (lipo takes one)")
+        problem = f_dpo_problem(get_divergence(self.divergence))
+        if problem is not None:
+            raise ValueError(f"--list_loss lipo --divergence {self.divergence}: its implicit reward f'(pi/pi_ref) is "
+                             f"not defined, since {problem}; use rkl, fkl, js or alpha:A")
+        if self.preference_loss != "sigmoid" or self.label_smoothing:
+            raise ValueError("--preference_loss and --label_smoothing are DPO's; --algo listwise takes --list_loss: "
+                             "drop them")
+        if not (math.isfinite(self.nll_coef) and self.nll_coef >= 0):
+            raise ValueError(f"--nll_coef must be a finite number >= 0, got {self.nll_coef!r}")
+        self._validate_offline_pairs()
 
     def _validate_kto(self) -> None:
         from objectives import ReverseKL, get_divergence

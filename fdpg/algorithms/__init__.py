@@ -6,7 +6,8 @@ functions of :mod:`objectives`:
 - :mod:`~fdpg.algorithms.ppo`: PPO with a per-token KL penalty (RLHF), PPO-ptx;
 - :mod:`~fdpg.algorithms.grpo`: GRPO and its variants (Dr. GRPO, DAPO, GSPO, CISPO), no critic;
 - :mod:`~fdpg.algorithms.dpo`: DPO and f-DPO from preference pairs; :mod:`~fdpg.algorithms.kto`: KTO from labelled
-  completions; :mod:`~fdpg.algorithms.online_dpo`: online DPO, the task's reward judging the policy's own samples;
+  completions; :mod:`~fdpg.algorithms.listwise`: RRHF, PRO and LiPO from rankings;
+  :mod:`~fdpg.algorithms.online_dpo`: online DPO, the task's reward judging the policy's own samples;
 - :mod:`~fdpg.algorithms.sft`: supervised fine-tuning on demonstrations;
 - :mod:`~fdpg.algorithms.raft`: RAFT, online rejection-sampling fine-tuning;
 - :mod:`~fdpg.algorithms.reward_model`: reward models from pairs or K-wise rankings.
@@ -55,6 +56,7 @@ ALGORITHM_SETTINGS: dict[str, tuple[str, ...]] = {
     "grpo": ("reward_feature", "grpo_loss", "scale_rewards", "grpo_iterations", "grpo_minibatches", "clip_range",
              "epsilon_high", "grpo_delta", "importance_sampling", "kl_coef", "kl_ratio_correction"),
     "dpo": (*_PAIRS_FROM_TASK, *_PAIR_LOSS, *_OFFLINE_DATA, "preference_loss_weights", "simpo_gamma", "nll_coef"),
+    "listwise": ("preferences", "truncate_pairs", *_OFFLINE_DATA, "list_loss", "nll_coef"),
     "kto": (*_PAIRS_FROM_TASK, *_OFFLINE_DATA, "kto_loss", "desirable_weight", "undesirable_weight"),
     "online_dpo": ("reward_feature", *_PAIR_LOSS),
     "sft": ("data", *_OFFLINE_DATA),
