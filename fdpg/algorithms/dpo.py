@@ -201,11 +201,7 @@ class DPOTrainer(OnlineTrainer):
     def train_step(self, step: int) -> dict[str, Any]:
         """Run optimisation step ``step`` (0-based) and return its metrics."""
         cfg, acc = self.config, self.accelerator
-        started = self.begin_step()
-        self._last_samples, self._tokens_this_step = None, 0
-        metrics: dict[str, Any] = {"step": step + 1}
-        if self._evaluates(step):  # before the update: the samples are of the policy the step starts from
-            metrics.update(self.evaluate(step))
+        started, metrics = self.begin_offline_step(step)
 
         index = self.step_pairs(step)[self.local_slice()]
         parts: list[tuple[torch.Tensor, ...]] = []
@@ -221,14 +217,29 @@ class DPOTrainer(OnlineTrainer):
                     acc.backward(losses.sum() / self.local_batch)
                 parts.append((losses.detach(), log_ratio_w.detach(), log_ratio_l.detach()))
 
+        gathered = [self.gather(torch.cat(column).cpu()) for column in zip(*parts)]
+        metrics.update(self.pair_metrics(*gathered))
+        return self.finish_offline_step(step, metrics, started, tokens)
+
+    def begin_offline_step(self, step: int) -> tuple[float, dict[str, Any]]:
+        """The start of a step of the offline trainers (DPO, KTO, the list losses): its clock, no samples logged
+        yet, and every ``eval_every`` steps the evaluation of the policy the step starts from (before the update)."""
+        started = self.begin_step()
+        self._last_samples, self._tokens_this_step = None, 0
+        metrics: dict[str, Any] = {"step": step + 1}
+        if self._evaluates(step):
+            metrics.update(self.evaluate(step))
+        return started, metrics
+
+    def finish_offline_step(self, step: int, metrics: dict[str, Any], started: float, tokens: int) -> dict[str, Any]:
+        """The optimizer and scheduler step after the step's backward (timed ``optimizer``), ``lr``, ``grad_norm``,
+        ``epoch`` and the throughput of this process's ``tokens`` (summed over processes)."""
         with self.timed("optimizer"):
             lr = self.scheduler.get_last_lr()[0]
             grad_norm = self.optimizer_step()
             self.scheduler.step()
-
-        gathered = [self.gather(torch.cat(column).cpu()) for column in zip(*parts)]
-        metrics.update(self.pair_metrics(*gathered))
-        metrics.update({"lr": lr, "grad_norm": grad_norm, "epoch": (step + 1) * cfg.batch_size / len(self.train_index)})
+        metrics.update({"lr": lr, "grad_norm": grad_norm,
+                        "epoch": (step + 1) * self.config.batch_size / len(self.train_index)})
         self._tokens_this_step += int(self.gather(torch.tensor([tokens])).sum())
         return self.finish_metrics(metrics, started)
 

@@ -92,12 +92,8 @@ class KTOTrainer(DPOTrainer):
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, Any]:
         """Run optimisation step ``step`` (0-based) and return its metrics."""
-        cfg, acc = self.config, self.accelerator
-        started = self.begin_step()
-        self._last_samples, self._tokens_this_step = None, 0
-        metrics: dict[str, Any] = {"step": step + 1}
-        if self._evaluates(step):  # before the update: the samples are of the policy the step starts from
-            metrics.update(self.evaluate(step))
+        acc = self.accelerator
+        started, metrics = self.begin_offline_step(step)
 
         index = self.step_pairs(step)[self.local_slice()]
         tokens = sum(len(self.pairs.chosen_ids[j]) + len(self.pairs.rejected_ids[j]) for j in index)
@@ -111,17 +107,10 @@ class KTOTrainer(DPOTrainer):
                     acc.backward(losses.sum() / self.local_batch)
                 parts.append((losses.detach().cpu(), ratios.detach().cpu()))
 
-        with self.timed("optimizer"):
-            lr = self.scheduler.get_last_lr()[0]
-            grad_norm = self.optimizer_step()
-            self.scheduler.step()
-
         losses, ratios = (self.gather(torch.cat(column)) for column in zip(*parts))
         labels = self.gather(self.labels[torch.as_tensor(list(index))])
         metrics.update(self.example_metrics(losses, ratios, labels, float(z0)))
-        metrics.update({"lr": lr, "grad_norm": grad_norm, "epoch": (step + 1) * cfg.batch_size / len(self.train_index)})
-        self._tokens_this_step += int(self.gather(torch.tensor([tokens])).sum())
-        return self.finish_metrics(metrics, started)
+        return self.finish_offline_step(step, metrics, started, tokens)
 
     def heldout_metrics(self) -> dict[str, float]:
         """``heldout/loss`` and ``heldout/accuracy`` of every held-out example, against the held-out set's own

@@ -104,12 +104,8 @@ class ListwiseTrainer(DPOTrainer):
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, Any]:
         """Run optimisation step ``step`` (0-based) and return its metrics."""
-        cfg, acc = self.config, self.accelerator
-        started = self.begin_step()
-        self._last_samples, self._tokens_this_step = None, 0
-        metrics: dict[str, Any] = {"step": step + 1}
-        if self._evaluates(step):  # before the update: the samples are of the policy the step starts from
-            metrics.update(self.evaluate(step))
+        acc = self.accelerator
+        started, metrics = self.begin_offline_step(step)
         groups = self.step_pairs(step)[self.local_slice()]
         tokens = sum(len(ids) for g in groups for ids in self.pairs.response_ids[g])
         parts = []
@@ -119,16 +115,9 @@ class ListwiseTrainer(DPOTrainer):
                     losses, top1 = self.list_losses(micro, grad=True)
                     acc.backward(losses.sum() / self.local_batch)
                 parts.append((losses.detach().cpu(), top1))
-        with self.timed("optimizer"):
-            lr = self.scheduler.get_last_lr()[0]
-            grad_norm = self.optimizer_step()
-            self.scheduler.step()
         losses, top1 = (self.gather(torch.cat(c)) for c in zip(*parts))
-        metrics.update({"loss": float(losses.mean()), "list/top1_accuracy": float(top1.double().mean()),
-                        "lr": lr, "grad_norm": grad_norm,
-                        "epoch": (step + 1) * cfg.batch_size / len(self.train_index)})
-        self._tokens_this_step += int(self.gather(torch.tensor([tokens])).sum())
-        return self.finish_metrics(metrics, started)
+        metrics.update({"loss": float(losses.mean()), "list/top1_accuracy": float(top1.double().mean())})
+        return self.finish_offline_step(step, metrics, started, tokens)
 
     def heldout_metrics(self) -> dict[str, float]:
         """``heldout/loss`` and ``heldout/accuracy`` (best response scored highest) of every held-out ranking."""
